@@ -1,0 +1,1 @@
+"""Batch workflows (Ray) and the ``xrcam`` command line built on the :mod:`xrcam` library."""
