@@ -7,7 +7,6 @@ DEMO_OUT ?= demo-output
 
 $(BIN)/xrcam: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(BIN)/xrcam
 
