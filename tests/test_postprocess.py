@@ -1,0 +1,187 @@
+"""Post-processing of maps: normalisation, layer aggregation, thresholds, masks and IoU (SPEC §5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xrcam.errors import XrcamConfigError
+from xrcam.postprocess import (
+    STANDARD_LAYER_SETS,
+    aggregate,
+    default_relu,
+    format_layer_set,
+    iou,
+    make_masks,
+    minmax,
+    normalize,
+    otsu_threshold,
+    parse_layer_set,
+    thresholds,
+)
+
+
+def test_constant_map_normalises_to_zeros_never_nan():
+    maps = torch.stack([torch.full((7, 7), 3.5), torch.zeros(7, 7), torch.full((7, 7), -2.0)])
+    for relu in (True, False):
+        out = normalize(maps, 28, relu=relu)
+        assert out.shape == (3, 28, 28)
+        assert torch.isfinite(out).all()
+        assert (out == 0).all()
+    assert not make_masks(normalize(maps, 28, relu=False)).any()
+
+
+def test_normalize_is_per_sample_minmax_after_bilinear_upsampling():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(2, 4, 4, generator=g) * torch.tensor([1.0, 100.0])[:, None, None]
+    out = normalize(maps, 16, relu=False)
+    up = F.interpolate(maps[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+    for i in range(2):
+        ref = (up[i] - up[i].min()) / (up[i].max() - up[i].min())
+        torch.testing.assert_close(out[i], ref, atol=1e-6, rtol=1e-6)
+        assert out[i].min() == 0 and abs(out[i].max() - 1) < 1e-6
+
+
+def test_relu_option_and_family_defaults():
+    maps = torch.tensor([[[-2.0, 0.0], [1.0, 2.0]]])
+    # no upsampling: values are directly comparable
+    assert normalize(maps, method="xrelevancecam").flatten().tolist() == pytest.approx(
+        [0, 0.5, 0.75, 1], abs=1e-6
+    )
+    assert normalize(maps, method="gradcam").flatten().tolist() == pytest.approx([0, 0, 0.5, 1], abs=1e-6)
+    assert normalize(maps, method="gradcam", relu=False).flatten().tolist() == pytest.approx(
+        [0, 0.5, 0.75, 1], abs=1e-6
+    )
+    assert normalize(maps, method="relevancecam", relu=True).flatten().tolist() == pytest.approx(
+        [0, 0, 0.5, 1], abs=1e-6
+    )
+    assert default_relu("layercam") and not default_relu("relevancecam")
+    with pytest.raises(XrcamConfigError):
+        normalize(maps)
+
+
+def test_normalize_keeps_float16_input_finite_and_float32_out():
+    maps = torch.randn(3, 5, 5).half()
+    out = normalize(maps, 10, method="gradcam")
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    ("text", "layers"),
+    [
+        ("4", ("layer4",)),
+        ("4+3", ("layer4", "layer3")),
+        ("4+3+2", ("layer4", "layer3", "layer2")),
+        ("4+3+2+1", ("layer4", "layer3", "layer2", "layer1")),
+        ("layer2+layer1", ("layer2", "layer1")),
+    ],
+)
+def test_layer_set_parser_and_formatter_round_trip(text, layers):
+    assert parse_layer_set(text) == layers
+    assert parse_layer_set(format_layer_set(layers)) == layers
+    assert format_layer_set(layers) == text.replace("layer", "")
+
+
+@pytest.mark.parametrize("bad", ["", "4+4", "4+x", "conv1", "4++3"])
+def test_bad_layer_sets_are_rejected(bad):
+    with pytest.raises(XrcamConfigError):
+        parse_layer_set(bad)
+
+
+def test_standard_layer_sets_parse():
+    assert [len(parse_layer_set(s)) for s in STANDARD_LAYER_SETS] == [1, 2, 3, 4]
+
+
+def test_aggregation_of_known_maps():
+    a = torch.tensor([[[0.0, 1.0], [0.5, 0.5]]])
+    b = torch.tensor([[[1.0, 1.0], [0.0, 0.5]]])
+    c = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]])
+    norm = {"layer4": a, "layer3": b, "layer2": c}
+    # mean of (a, b) = [[0.5, 1], [0.25, 0.5]] -> min-max: [[1/3, 1], [0, 1/3]]
+    torch.testing.assert_close(aggregate(norm, "4+3"), torch.tensor([[[1 / 3, 1.0], [0.0, 1 / 3]]]))
+    # a zero map changes the mean but not the min-max result
+    torch.testing.assert_close(aggregate(norm, "4+3+2"), aggregate(norm, "4+3"))
+    # a single layer is its own normalised map
+    torch.testing.assert_close(aggregate(norm, "4"), a)
+    with pytest.raises(XrcamConfigError, match="layer1"):
+        aggregate(norm, "4+3+2+1")
+
+
+def test_mean_std_threshold_on_known_map():
+    m = torch.tensor([[[0.0, 0.0], [0.0, 1.0]]])  # mean 0.25, population std sqrt(3)/4
+    t = thresholds(m, "mean+std")
+    assert t.item() == pytest.approx(0.25 + np.sqrt(3) / 4)
+    assert make_masks(m).tolist() == [[[False, False], [False, True]]]
+
+
+def test_fraction_threshold_on_known_map():
+    m = torch.tensor([[[0.1, 0.4], [0.6, 0.8]]])
+    assert thresholds(m, "fraction", fraction=0.5).item() == pytest.approx(0.4)
+    assert make_masks(m, "fraction", fraction=0.5).tolist() == [[[False, False], [True, True]]]
+    assert make_masks(m, "fraction", fraction=0.25).tolist() == [[[False, True], [True, True]]]
+    with pytest.raises(XrcamConfigError):
+        thresholds(m, "fraction", fraction=1.5)
+    with pytest.raises(XrcamConfigError):
+        thresholds(m, "median")
+
+
+def _otsu_exhaustive(values: np.ndarray) -> np.ndarray:
+    """Reference: try every distinct value as threshold, keep the best between-class variance."""
+    flat = values.ravel().astype(np.float64)
+    best, best_t = -1.0, flat.max()
+    for t in np.unique(flat)[:-1]:
+        lo, hi = flat[flat <= t], flat[flat > t]
+        w0, w1 = len(lo) / len(flat), len(hi) / len(flat)
+        var = w0 * w1 * (lo.mean() - hi.mean()) ** 2
+        if var > best:
+            best, best_t = var, t
+    return values > best_t
+
+
+def test_otsu_on_known_bimodal_map():
+    m = torch.tensor([[[0.1, 0.1, 0.2], [0.8, 0.9, 0.9], [0.1, 0.2, 0.85]]])
+    assert make_masks(m, "otsu").tolist() == [
+        [[False, False, False], [True, True, True], [False, False, True]]
+    ]
+    assert otsu_threshold(m).item() == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_otsu_matches_exhaustive_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    # quantised values make ties, a mixture makes the optimum non-trivial
+    maps = torch.cat(
+        [torch.rand(3, 12, 12, generator=g) ** 2, (torch.rand(3, 12, 12, generator=g) * 8).round() / 8]
+    )
+    got = make_masks(maps, "otsu")
+    for i in range(len(maps)):
+        assert got[i].numpy().tolist() == _otsu_exhaustive(maps[i].numpy()).tolist()
+
+
+def test_otsu_of_constant_map_is_empty():
+    assert not make_masks(torch.full((2, 5, 5), 0.3), "otsu").any()
+
+
+def test_iou_of_known_masks():
+    pred = torch.zeros(4, 4, 4, dtype=torch.bool)
+    gt = torch.zeros(4, 4, 4, dtype=torch.bool)
+    pred[0, :2, :2] = True  # 4 px
+    gt[0, :2, :] = True  # 8 px, overlap 4 -> 4/8
+    pred[1, 0, 0] = True  # disjoint -> 0
+    gt[1, 3, 3] = True
+    pred[2] = True  # identical -> 1
+    gt[2] = True
+    # frame 3: both empty -> NaN
+    out = iou(pred, gt)
+    assert out[:3].tolist() == [0.5, 0.0, 1.0]
+    assert torch.isnan(out[3])
+    with pytest.raises(XrcamConfigError):
+        iou(pred, gt[:, :3])
+
+
+def test_minmax_works_on_any_trailing_shape():
+    x = torch.arange(24.0).view(2, 3, 4)
+    out = minmax(x)
+    assert out[0].min() == 0 and out[1].max() == pytest.approx(1)
