@@ -1,0 +1,88 @@
+"""Data-parallel training on Ray Train: the same loop as single-process training, on N workers.
+
+The driver reads and preprocesses the archive once and puts the tensors in Ray's object store; each
+Ray Train worker (``TorchTrainer``, one process per GPU or CPU slot, on any node) gets them from there
+and runs :func:`xrcam.training.fit`, which notices the ``torch.distributed`` group that Ray Train set up
+and trains under DDP. Rank 0 writes the checkpoint folder, so with several nodes ``out_dir`` must be on
+a file system every node sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+
+from xrcam.training import TrainConfig, TrainData, TrainResult, fit
+
+__all__ = ["init_ray", "train_distributed"]
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join the cluster at ``address``, or start a private local Ray bound to 127.0.0.1 without dashboard."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+
+
+def train_distributed(
+    data: TrainData,
+    out_dir: str | Path,
+    config: TrainConfig,
+    *,
+    workers: int,
+    use_gpu: bool | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on ``workers`` Ray Train workers (``init_ray`` first); returns rank 0's result.
+
+    ``use_gpu=None`` uses GPUs when the cluster has one per worker. ``config.batch_size`` stays the
+    global batch: each worker takes ``batch_size / workers`` samples per step.
+    """
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
+    out = Path(out_dir).resolve()
+    trainer = ray.train.torch.TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "data": ray.put(data),
+            "out_dir": str(out),
+            "config": config.to_dict(),
+            "progress": progress,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(name="train", storage_path=str(out / "ray")),
+    )
+    metrics = trainer.fit().metrics
+    fields = {f.name for f in dataclasses.fields(TrainResult)}
+    summary = {k: v for k, v in metrics.items() if k in fields}
+    summary.update(out_dir=out, checkpoint=Path(summary["checkpoint"]))
+    return TrainResult(**summary)
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: fetch the shared tensors, train, report each epoch and the result."""
+    data = loop_config["data"]
+    if isinstance(data, ray.ObjectRef):
+        data = ray.get(data)
+    settings = dict(loop_config["config"])
+    settings["fractions"] = tuple(settings["fractions"])
+    config = TrainConfig(**settings)
+    result = fit(
+        data,
+        loop_config["out_dir"],
+        config,
+        device=ray.train.torch.get_device(),
+        progress=loop_config["progress"],
+        on_epoch=lambda row: ray.train.report({k: float(v) for k, v in row.items()}),
+    )
+    summary = dataclasses.asdict(result)
+    summary.update(out_dir=str(result.out_dir), checkpoint=str(result.checkpoint))
+    ray.train.report(summary)
