@@ -1,0 +1,196 @@
+"""Evaluation metrics: mIoU, axiom metrics (conservation, sensitivity) and the sanity check (SPEC §5)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.signal
+import scipy.stats
+import timm
+import torch
+from torch import nn
+
+from xrcam.errors import XrcamConfigError
+from xrcam.metrics import (
+    ablation_logits,
+    conservation,
+    contrastive_score,
+    logit_score,
+    mean_iou,
+    randomize_stage_,
+    score_function,
+    sensitivity,
+    spearman,
+    ssim,
+    stage_activations,
+    stage_head,
+)
+
+
+# --------------------------------------------------------------------------------------------- mIoU
+def test_miou_excludes_misclassified_unannotated_and_empty_gt_frames():
+    ious = [0.5, 0.1, 0.9, 0.0, math.nan, 0.3]
+    correct = [True, True, False, True, True, True]
+    has_gt = [True, True, True, True, False, True]
+    gt_empty = [False, False, False, True, False, False]
+    got = mean_iou(ious, correct=correct, has_gt=has_gt, gt_empty=gt_empty)
+    assert got.miou == pytest.approx((0.5 + 0.1 + 0.3) / 3)
+    assert (got.frames, got.empty_gt, got.misclassified) == (3, 1, 1)
+
+
+def test_miou_without_eligible_frames_is_nan_not_an_error():
+    got = mean_iou([0.4], correct=[False], has_gt=[True], gt_empty=[False])
+    assert math.isnan(got.miou) and got.frames == 0 and got.misclassified == 1
+    with pytest.raises(XrcamConfigError):
+        mean_iou([0.4, 0.2], correct=[True], has_gt=[True], gt_empty=[False])
+
+
+# ----------------------------------------------------------------------------------- scores
+def test_scores_logit_and_contrastive():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [1.0, 4.0, -3.0]])
+    target = torch.tensor([0, 1])
+    assert logit_score(logits, target).tolist() == [2.0, 4.0]
+    # L_t - (N-1) L_t / N with N = 3
+    assert contrastive_score(logits, target).tolist() == pytest.approx([2 - 2 * 2 / 3, 4 - 2 * 4 / 3])
+    # ablated logits (B, K, N) keep each frame's target
+    ablated = torch.stack([logits, logits + 1], dim=1)
+    assert logit_score(ablated, target[:, None]).tolist() == [[2.0, 3.0], [4.0, 5.0]]
+    assert score_function("xrelevancecam") is contrastive_score and score_function("hirescam") is logit_score
+
+
+def test_conservation_on_known_numbers():
+    score = torch.tensor([2.0, -4.0])
+    contrib = torch.tensor([[1.0, 0.5, 0.5], [-1.0, -1.0, -1.0]])
+    assert conservation(score, contrib).tolist() == pytest.approx([0.0, 0.25])
+
+
+# -------------------------------------------------------------------- sensitivity on a tiny network
+class TinyHead(nn.Module):
+    """logits = W relu(mean_hw A - 1): small enough to ablate by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.tensor([[1.0, 2.0, -1.0], [0.5, -1.0, 3.0]])
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.relu(a.mean(dim=(2, 3)) - 1) @ self.w.T
+
+
+def test_ablation_logits_and_sensitivity_by_hand():
+    # one frame, K=3 channels of 2x2; channel means 3, 2, 0.5 -> relu(mean - 1) = 2, 1, 0
+    a = torch.tensor([[[[3.0, 3.0], [3.0, 3.0]], [[1.0, 3.0], [2.0, 2.0]], [[0.5, 0.5], [0.0, 1.0]]]])
+    head = TinyHead()
+    logits = head(a)
+    assert logits.tolist() == [[4.0, 0.0]]  # class 0: 1*2 + 2*1 - 0;  class 1: 0.5*2 - 1*1 + 0
+    for chunk in (1, 2, 64):
+        ablated = ablation_logits(head, a, chunk_size=chunk)
+        # zeroing a channel makes its relu(mean - 1) = relu(-1) = 0
+        assert ablated.tolist() == [[[2.0, -1.0], [2.0, 1.0], [4.0, 0.0]]]
+    target = torch.tensor([0])
+    score = logit_score(logits, target)  # 4
+    drop = score[:, None] - logit_score(ablated, target[:, None])  # [2, 2, 0]
+    assert drop.tolist() == [[2.0, 2.0, 0.0]]
+    contrib = torch.tensor([[1.0, 2.5, 0.5]])
+    # sum_k |d_k - c_k| / sum_k |d_k| = (1 + 0.5 + 0.5) / 4
+    assert sensitivity(score, logit_score(ablated, target[:, None]), contrib).tolist() == pytest.approx([0.5])
+    # the exact drops are a perfect score
+    assert sensitivity(score, logit_score(ablated, target[:, None]), drop).tolist() == pytest.approx([0.0])
+
+
+def test_ablation_logits_batches_frames_and_channels_consistently():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 5, 4, 4, generator=g) * 3
+    head = TinyHead()
+    head.w = torch.randn(2, 5, generator=g)
+    got = ablation_logits(head, a, chunk_size=4)
+    for b in range(3):
+        for k in range(5):
+            x = a[b : b + 1].clone()
+            x[:, k] = 0
+            torch.testing.assert_close(got[b, k], head(x)[0])
+    with pytest.raises(XrcamConfigError):
+        ablation_logits(head, a, chunk_size=0)
+
+
+# ------------------------------------------------------------------------------ timm plumbing
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", pretrained=False, num_classes=2).eval()
+
+
+def test_stage_head_reproduces_the_logits(resnet18):
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    acts, logits = stage_activations(resnet18, images, ["layer1", "layer2", "layer3", "layer4"])
+    assert acts["layer3"].shape == (2, 256, 4, 4)
+    for layer, a in acts.items():
+        with torch.no_grad():
+            torch.testing.assert_close(stage_head(resnet18, layer)(a), logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(XrcamConfigError):
+        stage_head(resnet18, "conv1")
+
+
+def test_randomize_stage_changes_only_that_stage_and_is_seeded(resnet18):
+    import copy
+
+    trained = copy.deepcopy(resnet18)
+    with torch.no_grad():  # BatchNorm away from its fresh (1, 0) values, as after training
+        for p in trained.parameters():
+            p.add_(0.01)
+    a = randomize_stage_(copy.deepcopy(trained), "layer3", seed=5)
+    b = randomize_stage_(copy.deepcopy(trained), "layer3", seed=5)
+    before = dict(trained.named_parameters())
+    for name, p in a.named_parameters():
+        same = torch.equal(p, before[name])
+        assert same == (not name.startswith("layer3.")), name
+        assert torch.equal(p, dict(b.named_parameters())[name])
+    rng_before = torch.random.get_rng_state()
+    randomize_stage_(copy.deepcopy(resnet18), "layer4", seed=1)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # global RNG untouched
+
+
+# ------------------------------------------------------------------------- spearman and ssim
+def test_spearman_matches_scipy_with_ties():
+    g = torch.Generator().manual_seed(0)
+    a = (torch.rand(4, 9, 9, generator=g) * 5).round()  # many ties
+    b = a + torch.rand(4, 9, 9, generator=g) * 3
+    b[1] = torch.rand(9, 9, generator=g)
+    b[2] = b[2].clamp_max(3)  # ties on the other side too
+    got = spearman(a, b)
+    for i in range(4):
+        ref = scipy.stats.spearmanr(a[i].ravel().numpy(), b[i].ravel().numpy()).statistic
+        assert got[i].item() == pytest.approx(ref, abs=1e-6)
+    assert spearman(a, a).tolist() == pytest.approx([1.0] * 4)
+    assert spearman(a, -a).tolist() == pytest.approx([-1.0] * 4)
+    assert torch.isnan(spearman(torch.zeros(1, 9, 9), a[:1])).all()
+
+
+def _ssim_reference(x: np.ndarray, y: np.ndarray) -> float:
+    """Wang et al. 2004 with an 11x11 gaussian (sigma 1.5) window, valid positions, data range 1."""
+    r = np.arange(11) - 5
+    g = np.exp(-(r**2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+
+    def f(t):
+        return scipy.signal.correlate2d(t, w, mode="valid")
+
+    mx, my = f(x), f(y)
+    vx, vy, cxy = f(x * x) - mx**2, f(y * y) - my**2, f(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    return float(np.mean((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))))
+
+
+def test_ssim_matches_reference_and_identity():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 24, 20, generator=g)
+    b = (a + 0.3 * torch.rand(3, 24, 20, generator=g)).clamp(0, 1)
+    b[2] = torch.rand(24, 20, generator=g)
+    got = ssim(a, b)
+    for i in range(3):
+        assert got[i].item() == pytest.approx(
+            _ssim_reference(a[i].double().numpy(), b[i].double().numpy()), abs=1e-6
+        )
+    assert ssim(a, a).tolist() == pytest.approx([1.0] * 3)
+    assert got[2] < got[0] < 1
