@@ -1,0 +1,313 @@
+"""Reduction: aggregated maps and masks written back to the store, metrics rows that reconcile with it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from workflows.reduce import (
+    METRICS_DIR,
+    ReduceSettings,
+    agg_name,
+    mask_name,
+    parse_threshold,
+    reduce_results,
+    reduce_video,
+)
+from workflows.store import ResultStore, VideoLayout, map_name
+from xrcam.errors import XrcamConfigError
+from xrcam.postprocess import aggregate, iou, make_masks, normalize
+
+METHODS = ("gradcam", "relevancecam", "xrelevancecam")
+LAYERS = ("layer1", "layer2", "layer3", "layer4")
+SHAPES = {"layer1": (16, 16), "layer2": (8, 8), "layer3": (4, 4), "layer4": (2, 2)}
+SIZE = 32
+
+
+def _blob(shape, centre, sigma):
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    cy, cx = centre[0] * shape[0], centre[1] * shape[1]
+    return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (sigma * shape[0]) ** 2))
+
+
+def build_store(root, videos=3, frames=10, chunk=4, seed=0):
+    """A results folder as `xrcam run` writes it, with synthetic maps (a blob where the GT mask is)."""
+    rng = np.random.default_rng(seed)
+    settings = {
+        "archive": str(root / "archive"),
+        "model": "resnet18",
+        "classes": ["glioblastoma", "meningioma"],
+        "methods": list(METHODS),
+        "layers": list(LAYERS),
+        "rules": "reference",
+        "clrp": "unit",
+        "chunk_frames": chunk,
+    }
+    store = ResultStore.open(root, settings)
+    for v in range(videos):
+        label_index = v % 2
+        layout = VideoLayout(
+            video_id=f"{['glioblastoma', 'meningioma'][label_index]}/p{v}/video{v}.mkt",
+            path=str(root / "archive" / f"video{v}.mkt"),
+            patient=f"p{v}",
+            label=["glioblastoma", "meningioma"][label_index],
+            label_index=label_index,
+            crop=(3, 4, SIZE),
+            frame_step=2,
+            num_source_frames=2 * frames,
+            num_classes=2,
+            map_shapes=SHAPES,
+        )
+        store.create_video(layout)
+        centres = rng.uniform(0.3, 0.7, size=(frames, 2))
+        gt = np.stack([_blob((SIZE, SIZE), c, 0.12) > 0.5 for c in centres]).astype(np.uint8)
+        has_gt = np.arange(frames) % 3 != 2
+        gt[~has_gt] = 0
+        if label_index == 1:
+            gt[0] = 0  # an annotated frame whose ground truth is empty: reported, not averaged
+        logits = rng.normal(size=(frames, 2)).astype(np.float32)
+        arrays = {
+            "frame_index": np.arange(0, 2 * frames, 2),
+            "logits": logits,
+            "probabilities": torch.softmax(torch.from_numpy(logits), 1).numpy(),
+            "predicted": logits.argmax(1),
+            "gt_mask": gt,
+            "has_gt_mask": has_gt,
+        }
+        for m, method in enumerate(METHODS):
+            for layer, shape in SHAPES.items():
+                noise = rng.normal(scale=0.1 * (m + 1), size=(frames, *shape))
+                maps = np.stack([_blob(shape, c, 0.15) for c in centres]) + noise
+                arrays[map_name(method, layer)] = maps.astype(np.float16)
+        store.write(layout.key, 0, arrays)
+        store.mark_done(layout.key, 0, frames)
+    return store
+
+
+@pytest.fixture
+def results(tmp_path):
+    build_store(tmp_path / "results")
+    return tmp_path / "results"
+
+
+def test_rows_reconcile_with_store_and_iou_recomputes_from_stored_masks(results):
+    settings = ReduceSettings(layer_sets=("1", "4", "4+3", "4+3+2+1"), threshold="meanstd")
+    summary = reduce_results(results, settings, workers=0)
+    store = ResultStore.open(results)
+    df = pd.read_parquet(results / METRICS_DIR)
+    frames = sum(store.video(k)["frame_index"].shape[0] for k in store.video_keys())
+    assert len(df) == summary["rows"] == frames * len(METHODS) * 4
+    assert not df.duplicated(["video_id", "frame", "method", "layer_set"]).any()
+
+    key = store.video_keys()[1]
+    group = store.video(key)
+    gt = torch.from_numpy(group["gt_mask"][:] > 0)
+    has_gt = group["has_gt_mask"][:]
+    for method in METHODS:
+        for layer_set in settings.layer_sets:
+            stored = torch.from_numpy(group[mask_name(method, layer_set)][:] > 0)
+            rows = df[
+                (df.video_key == key) & (df.method == method) & (df.layer_set == layer_set)
+            ].sort_values("position")
+            assert rows["mask_area"].tolist() == stored.flatten(1).sum(1).tolist()
+            expected = iou(stored, gt).numpy()
+            np.testing.assert_allclose(rows["iou"].to_numpy()[has_gt], expected[has_gt], rtol=1e-6)
+            assert rows["iou"].isna().to_numpy()[~has_gt].all()
+            assert set(rows["frame"]) == set(group["frame_index"][:].tolist())
+    # the stored aggregate is the postprocess aggregate of the stored per-layer maps (float16 on disk)
+    normalised = {
+        layer: normalize(
+            torch.from_numpy(group[map_name("xrelevancecam", layer)][:]), SIZE, method="xrelevancecam"
+        )
+        for layer in LAYERS
+    }
+    expected = aggregate(normalised, "4+3+2+1")
+    stored = group[agg_name("xrelevancecam", "4+3+2+1")][:].astype(np.float32)
+    np.testing.assert_allclose(stored, expected.numpy(), atol=1e-3)
+    assert agg_name("xrelevancecam", "4") not in group  # single layers are the stored maps, not duplicated
+    assert torch.equal(
+        torch.from_numpy(group[mask_name("xrelevancecam", "4+3+2+1")][:] > 0), make_masks(expected)
+    )
+
+
+def test_frame_columns_match_the_store(results):
+    reduce_results(results, ReduceSettings(layer_sets=("4",)), workers=0)
+    store = ResultStore.open(results)
+    df = pd.read_parquet(results / METRICS_DIR, filters=[("method", "==", "gradcam")])
+    for key in store.video_keys():
+        group = store.video(key)
+        rows = df[df.video_key == key].sort_values("position")
+        np.testing.assert_array_equal(rows["predicted_index"], group["predicted"][:])
+        probs = group["probabilities"][:]
+        np.testing.assert_allclose(rows["probability"], probs[np.arange(len(probs)), group["predicted"][:]])
+        assert (rows["correct"] == (group["predicted"][:] == group.attrs["label_index"])).all()
+        assert (
+            rows["prediction"] == [["glioblastoma", "meningioma"][i] for i in group["predicted"][:]]
+        ).all()
+        assert set(rows["patient"]) == {group.attrs["patient"]}
+        gt_area = (group["gt_mask"][:] > 0).sum(axis=(1, 2))
+        np.testing.assert_array_equal(rows["gt_area"], gt_area)
+        np.testing.assert_array_equal(rows["gt_empty"], group["has_gt_mask"][:] & (gt_area == 0))
+
+
+def test_filter_by_method_returns_plain_strings(results):
+    reduce_results(results, ReduceSettings(layer_sets=("4", "4+3")), workers=0)
+    df = pd.read_parquet(results / METRICS_DIR, filters=[("method", "==", "xrelevancecam")])
+    assert len(df) > 0 and set(df["method"]) == {"xrelevancecam"}
+    for column in ("method", "layer_set", "video_id", "patient", "label", "prediction"):
+        assert not isinstance(df[column].dtype, pd.CategoricalDtype), column
+        assert pd.api.types.is_string_dtype(df[column]), column
+    # one folder per method, each file carrying the run's settings in its schema metadata
+    parts = sorted(p.parent.name for p in (results / METRICS_DIR).glob("*/part-0.parquet"))
+    assert parts == sorted(METHODS)
+    meta = json.loads(pq.read_schema(results / METRICS_DIR / "gradcam" / "part-0.parquet").metadata[b"xrcam"])
+    assert meta["run_settings"]["model"] == "resnet18"
+    assert meta["reduce_settings"]["layer_sets"] == ["4", "4+3"]
+    assert meta["reduce_settings"]["threshold"] == "mean+std"
+
+
+def test_summary_tables_follow_the_paper_layout(results):
+    reduce_results(results, ReduceSettings(), workers=0)
+    df = pd.read_parquet(results / METRICS_DIR)
+    t1 = pd.read_parquet(results / "summary" / "table1_layer_miou.parquet")
+    t2 = pd.read_parquet(results / "summary" / "table2_layerset_miou.parquet")
+    assert list(t1.columns) == [
+        "method",
+        "model",
+        "layer 1",
+        "layer 2",
+        "layer 3",
+        "layer 4",
+        "average",
+        "frames",
+    ]
+    assert list(t2.columns) == [
+        "method",
+        "model",
+        "layer 4",
+        "layer 4+3",
+        "layer 4+3+2",
+        "layer 4+3+2+1",
+        "frames",
+    ]
+    assert list(t1["method"]) == list(METHODS)
+    # mIoU by hand: annotated, correctly classified, non-empty ground truth
+    kept = df[df.has_gt_mask & df.correct & ~df.gt_empty]
+    by_hand = kept[(kept.method == "xrelevancecam") & (kept.layer_set == "4+3")]["iou"].mean() * 100
+    row = t2[t2.method == "xrelevancecam"].iloc[0]
+    assert row["layer 4+3"] == pytest.approx(by_hand, rel=1e-5)
+    assert row["frames"] == len(kept[(kept.method == "xrelevancecam") & (kept.layer_set == "4")])
+    r1 = t1[t1.method == "gradcam"].iloc[0]
+    assert r1["average"] == pytest.approx(np.mean([r1[f"layer {i}"] for i in range(1, 5)]))
+    acc = pd.read_parquet(results / "summary" / "accuracy_per_class.parquet")
+    frame_rows = df[(df.method == "gradcam") & (df.layer_set == "1")]
+    assert acc["frames"].sum() == len(frame_rows)
+    for _, r in acc.iterrows():
+        assert r["accuracy"] == pytest.approx(frame_rows[frame_rows.label == r["label"]]["correct"].mean())
+    per_patient = pd.read_parquet(results / "summary" / "accuracy_per_patient.parquet")
+    assert sorted(per_patient["patient"]) == ["p0", "p1", "p2"]
+    assert not (results / "summary" / "table4_axioms.parquet").exists()
+
+
+def test_axiom_table_when_evaluate_wrote_axioms(results):
+    rows = [
+        {"method": m, "layer": layer, "conservation": 0.1 * i, "sensitivity": 0.2 * i}
+        for i, m in enumerate(METHODS, start=1)
+        for layer in LAYERS
+    ]
+    pd.DataFrame(rows).to_parquet(results / "axioms.parquet")
+    reduce_results(results, ReduceSettings(layer_sets=("4",)), workers=0)
+    t4 = pd.read_parquet(results / "summary" / "table4_axioms.parquet")
+    assert list(t4.columns) == ["method", "axiom", "layer 1", "layer 2", "layer 3", "layer 4", "average"]
+    row = t4[(t4.method == "relevancecam") & (t4.axiom == "sensitivity")].iloc[0]
+    assert row["layer 3"] == pytest.approx(0.4) and row["average"] == pytest.approx(0.4)
+
+
+def test_rerun_is_idempotent_and_replaces_outputs(results):
+    settings = ReduceSettings(layer_sets=("4", "4+3"))
+    reduce_results(results, settings, workers=0)
+    first = pd.read_parquet(results / METRICS_DIR)
+    key = ResultStore.open(results).video_keys()[0]
+    mask_first = ResultStore.open(results).video(key)[mask_name("gradcam", "4+3")][:]
+    reduce_results(results, settings, workers=0)
+    second = pd.read_parquet(results / METRICS_DIR)
+    pd.testing.assert_frame_equal(first, second)
+    np.testing.assert_array_equal(
+        mask_first, ResultStore.open(results).video(key)[mask_name("gradcam", "4+3")][:]
+    )
+    # another threshold replaces the masks and rows instead of appending
+    reduce_results(results, ReduceSettings(layer_sets=("4", "4+3"), threshold="fraction:0.9"), workers=0)
+    third = pd.read_parquet(results / METRICS_DIR)
+    assert len(third) == len(first)
+    assert third["mask_area"].sum() < first["mask_area"].sum()
+    assert ResultStore.open(results).video(key)[mask_name("gradcam", "4+3")].attrs["threshold"] == "fraction"
+    assert not list(results.glob(".*tmp")) and not list(results.glob(".*old"))
+
+
+def test_chunked_processing_gives_the_same_rows(results, tmp_path):
+    key = ResultStore.open(results).video_keys()[0]
+    whole = reduce_video(results, key, ReduceSettings(layer_sets=("4+3+2+1",), chunk_frames=100)).to_pandas()
+    chunked = reduce_video(results, key, ReduceSettings(layer_sets=("4+3+2+1",), chunk_frames=3)).to_pandas()
+    pd.testing.assert_frame_equal(whole, chunked)
+
+
+def test_incomplete_videos_are_left_out(results):
+    store = ResultStore.open(results)
+    key = store.video_keys()[0]
+    store.video(key).attrs.update({"complete": False})
+    summary = reduce_results(results, ReduceSettings(layer_sets=("4",)), workers=0)
+    assert summary["incomplete_videos"] == [key]
+    assert key not in set(pd.read_parquet(results / METRICS_DIR)["video_key"])
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("meanstd", ("mean+std", 0.5)),
+        ("mean+std", ("mean+std", 0.5)),
+        ("fraction:0.3", ("fraction", 0.3)),
+        ("otsu", ("otsu", 0.5)),
+    ],
+)
+def test_threshold_option_parses(text, expected):
+    assert parse_threshold(text) == expected
+
+
+@pytest.mark.parametrize("text", ["median", "fraction:2", "fraction:x", "otsu:0.2"])
+def test_bad_threshold_is_refused(text):
+    with pytest.raises(XrcamConfigError):
+        parse_threshold(text)
+
+
+def test_layer_set_needing_an_unexplained_layer_is_refused(results):
+    key = ResultStore.open(results).video_keys()[0]
+    with pytest.raises(XrcamConfigError, match="layer5"):
+        reduce_video(results, key, ReduceSettings(layer_sets=("5",)))
+
+
+def test_cli_reduce_in_process(results):
+    from workflows.cli import main
+
+    out = CliRunner().invoke(main, ["reduce", str(results), "--layer-sets", "4,4+3", "--workers", "0"])
+    assert out.exit_code == 0, out.output
+    assert "layer 4+3" in out.output
+    assert (results / "summary" / "table2_layerset_miou.parquet").exists()
+    bad = CliRunner().invoke(main, ["reduce", str(results / "nowhere")])
+    assert bad.exit_code != 0 and "xrcam run" in bad.output
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_reduce_on_local_ray_matches_serial(results, tmp_path):
+    settings = ReduceSettings(layer_sets=("4", "4+3+2+1"))
+    reduce_results(results, settings, workers=0)
+    serial = pd.read_parquet(results / METRICS_DIR)
+    reduce_results(results, settings, workers=2)
+    on_ray = pd.read_parquet(results / METRICS_DIR)
+    pd.testing.assert_frame_equal(serial, on_ray)
