@@ -1,0 +1,352 @@
+"""Finding the videos of an archive, their labels, patients and ground-truth masks, and splitting by patient.
+
+An archive is either a folder ``ROOT/<class>/<patient>/<video files or frame folders>`` or a manifest
+(CSV or Parquet) with columns ``path, patient, label`` and optionally ``mask_path`` (paths relative to
+the manifest's folder). Ground-truth masks of a video ``X.ext`` (or frame folder ``X/``) live in the
+sibling folder ``X.masks/`` as ``frame_000123.png``, named by original frame index, unless the
+manifest's ``mask_path`` says otherwise.
+
+Discovery opens every video cheaply (header, frame count, first frame) and reports unusable files in
+``Archive.problems`` instead of stopping, so one bad file never blocks an archive-scale run.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from xrcam.errors import XrcamInputError
+from xrcam.io.readers import IMAGE_SUFFIXES, VIDEO_SUFFIXES, open_video
+
+__all__ = [
+    "SPLITS",
+    "VideoEntry",
+    "InputProblem",
+    "Archive",
+    "discover_archive",
+    "mask_files",
+    "load_masks",
+    "split_patients",
+]
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+MASKS_SUFFIX = ".masks"
+_MASK_NAME = re.compile(r"^frame_(\d+)\.(png|tif|tiff|bmp)$", re.IGNORECASE)
+_MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+@dataclass(frozen=True)
+class VideoEntry:
+    """One video of the archive. ``video_id`` is its path relative to the root, '/'-separated."""
+
+    video_id: str
+    path: Path
+    patient: str
+    label: str
+    mask_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """A file discovery could not use, and why (the message of the error it raised)."""
+
+    path: Path
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+@dataclass
+class Archive:
+    """The usable videos (``entries``) and the files that were skipped (``problems``)."""
+
+    root: Path
+    entries: list[VideoEntry] = field(default_factory=list)
+    problems: list[InputProblem] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        """Sorted class labels; a label's position is its class index."""
+        return sorted({e.label for e in self.entries})
+
+    @property
+    def patients(self) -> list[str]:
+        return sorted({e.patient for e in self.entries})
+
+
+def _masks_sibling(path: Path) -> Path | None:
+    stem = path.name if path.is_dir() else path.stem
+    candidate = path.with_name(stem + MASKS_SUFFIX)
+    return candidate if candidate.is_dir() else None
+
+
+def _video_id(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix().lstrip("/")
+
+
+def _walk_layout(root: Path, archive: Archive) -> list[VideoEntry]:
+    entries = []
+    for class_dir in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
+        if not class_dir.is_dir():
+            continue  # files beside the class folders (a manifest, a README) are not videos
+        for patient_dir in sorted(p for p in class_dir.iterdir() if not p.name.startswith(".")):
+            if not patient_dir.is_dir():
+                if patient_dir.suffix.lower() in VIDEO_SUFFIXES | IMAGE_SUFFIXES:
+                    archive.problems.append(
+                        InputProblem(
+                            patient_dir, "not inside a patient folder (ROOT/<class>/<patient>/); skipped"
+                        )
+                    )
+                continue
+            loose = []
+            for item in sorted(p for p in patient_dir.iterdir() if not p.name.startswith(".")):
+                if item.is_dir() and not item.name.endswith(MASKS_SUFFIX):
+                    entries.append(
+                        VideoEntry(
+                            _video_id(item, root),
+                            item,
+                            patient_dir.name,
+                            class_dir.name,
+                            _masks_sibling(item),
+                        )
+                    )
+                elif item.is_file() and item.suffix.lower() in VIDEO_SUFFIXES:
+                    entries.append(
+                        VideoEntry(
+                            _video_id(item, root),
+                            item,
+                            patient_dir.name,
+                            class_dir.name,
+                            _masks_sibling(item),
+                        )
+                    )
+                elif item.is_file() and item.suffix.lower() in IMAGE_SUFFIXES:
+                    loose.append(item)
+            if loose:
+                archive.problems.append(
+                    InputProblem(
+                        patient_dir,
+                        f"{len(loose)} loose image files in a patient folder; put each video's frames in a folder of their own",
+                    )
+                )
+    return entries
+
+
+def _read_manifest(manifest: Path) -> list[dict[str, str]]:
+    try:
+        if manifest.suffix.lower() == ".csv":
+            with open(manifest, newline="") as fh:
+                reader = csv.DictReader(fh)
+                rows = list(reader)
+                columns = set(reader.fieldnames or ())
+        else:
+            import pandas as pd
+
+            frame = pd.read_parquet(manifest)
+            columns = set(frame.columns)
+            rows = frame.astype(object).where(frame.notna(), "").astype(str).to_dict("records")
+    except XrcamInputError:
+        raise
+    except Exception as exc:  # csv, pandas and pyarrow raise many types for damaged files
+        raise XrcamInputError(manifest, f"cannot read the manifest ({exc})") from exc
+    missing = {"path", "patient", "label"} - columns
+    if missing:
+        raise XrcamInputError(
+            manifest,
+            f"the manifest lacks the column(s) {', '.join(sorted(missing))}; it needs path, patient, label[, mask_path]",
+        )
+    return rows
+
+
+def _from_manifest(manifest: Path, archive: Archive) -> list[VideoEntry]:
+    root = manifest.parent
+    entries, seen = [], set()
+    for line, row in enumerate(_read_manifest(manifest), start=2):
+        raw = (row.get("path") or "").strip()
+        patient, label = (row.get("patient") or "").strip(), (row.get("label") or "").strip()
+        if not raw or not patient or not label:
+            archive.problems.append(
+                InputProblem(manifest, f"row {line}: path, patient and label must all be set; row skipped")
+            )
+            continue
+        path = Path(raw) if Path(raw).is_absolute() else root / raw
+        if path in seen:
+            archive.problems.append(
+                InputProblem(path, f"listed twice in {manifest.name} (row {line}); the later row is skipped")
+            )
+            continue
+        seen.add(path)
+        mask_raw = (row.get("mask_path") or "").strip()
+        mask = (
+            (Path(mask_raw) if Path(mask_raw).is_absolute() else root / mask_raw)
+            if mask_raw
+            else _masks_sibling(path)
+        )
+        if mask is not None and not mask.is_dir():
+            archive.problems.append(
+                InputProblem(mask, f"mask folder of {raw} not found; the video is used without masks")
+            )
+            mask = None
+        entries.append(VideoEntry(_video_id(path, root), path, patient, label, mask))
+    return entries
+
+
+def mask_files(mask_path: Path) -> dict[int, Path]:
+    """Original frame index -> mask file, for the ``frame_NNNNNN.png`` files of a mask folder."""
+    out = {}
+    for item in mask_path.iterdir():
+        match = _MASK_NAME.match(item.name)
+        if match and item.is_file():
+            out[int(match.group(1))] = item
+    return dict(sorted(out.items()))
+
+
+def _check(entry: VideoEntry) -> tuple[VideoEntry | None, list[InputProblem]]:
+    """Open the video (header, count, first frame) and the mask headers; report what is unusable."""
+    try:
+        with open_video(entry.path) as reader:
+            next(reader.read(0, 1))
+            shape, count = reader.frame_shape, reader.num_frames
+    except (XrcamInputError, OSError) as exc:
+        return None, [InputProblem(entry.path, getattr(exc, "problem", str(exc)))]
+    if entry.mask_path is None:
+        return entry, []
+    from PIL import Image
+
+    problems = []
+    for index, file in mask_files(entry.mask_path).items():
+        try:
+            with Image.open(file) as im:
+                size = im.size[::-1]
+        except Exception as exc:  # PIL raises many types for damaged files
+            problems.append(InputProblem(file, f"unreadable mask ({exc})"))
+            continue
+        if size != shape:
+            problems.append(
+                InputProblem(
+                    file, f"mask is {size[1]}x{size[0]} but its video's frames are {shape[1]}x{shape[0]}"
+                )
+            )
+        elif index >= count:
+            problems.append(InputProblem(file, f"mask for frame {index} but the video has {count} frames"))
+    if problems:
+        problems.append(
+            InputProblem(entry.mask_path, "masks unusable; the video is used without ground truth")
+        )
+        entry = replace(entry, mask_path=None)
+    return entry, problems
+
+
+def discover_archive(source: str | Path, *, check: bool = True, workers: int = 4) -> Archive:
+    """Find the videos of a folder archive or a manifest (``.csv``/``.parquet``).
+
+    With ``check`` (default), every video is opened and its first frame decoded, and mask sizes
+    are compared with the frames, using ``workers`` threads; unusable files go to ``problems``.
+    """
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() in _MANIFEST_SUFFIXES:
+        archive = Archive(source.parent)
+        entries = _from_manifest(source, archive)
+    elif source.is_dir():
+        archive = Archive(source)
+        entries = _walk_layout(source, archive)
+    else:
+        raise XrcamInputError(
+            source, "not an archive: give a folder ROOT/<class>/<patient>/... or a .csv/.parquet manifest"
+        )
+    if check:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            results = list(pool.map(_check, entries))
+        entries = []
+        for entry, problems in results:
+            archive.problems.extend(problems)
+            if entry is not None:
+                entries.append(entry)
+    archive.entries = sorted(entries, key=lambda e: e.video_id)
+    for problem in archive.problems:
+        log.warning("skipped %s", problem)
+    return archive
+
+
+def load_masks(entry: VideoEntry, frame_shape: tuple[int, int] | None = None) -> dict[int, np.ndarray]:
+    """Original frame index -> (H, W) bool ground-truth mask, for every annotated frame of ``entry``.
+
+    Raises :class:`XrcamInputError` naming the mask file when it cannot be read or its size differs
+    from the video's frames (``frame_shape``; read from the video header when not given).
+    """
+    if entry.mask_path is None:
+        return {}
+    from PIL import Image
+
+    if frame_shape is None:
+        with open_video(entry.path) as reader:
+            frame_shape = reader.frame_shape
+    masks = {}
+    for index, file in mask_files(entry.mask_path).items():
+        try:
+            with Image.open(file) as im:
+                mask = np.asarray(im.convert("L")) > 0
+        except Exception as exc:  # PIL raises many types for damaged files
+            raise XrcamInputError(file, f"unreadable mask ({exc})", frame=index) from exc
+        if mask.shape != tuple(frame_shape):
+            raise XrcamInputError(
+                file,
+                f"mask is {mask.shape[1]}x{mask.shape[0]} but its frame is {frame_shape[1]}x{frame_shape[0]}",
+                frame=index,
+            )
+        masks[index] = mask
+    return masks
+
+
+def _split_counts(n: int, fractions: np.ndarray) -> list[int]:
+    """Patients per split: largest remainder, then one for every requested split that got none, if possible."""
+    raw = n * fractions
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
+        counts[i] += 1
+    for i in (2, 1, 0):  # test first, then val: an evaluation needs a test patient most
+        if fractions[i] > 0 and counts[i] == 0 and counts.max() > 1:
+            counts[int(np.argmax(counts))] -= 1
+            counts[i] += 1
+    return counts.tolist()
+
+
+def split_patients(
+    entries: Iterable[VideoEntry], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> dict[str, str]:
+    """Assign every patient to ``"train"``, ``"val"`` or ``"test"`` (never two), reproducibly from ``seed``.
+
+    ``fractions`` are of patients (train, val, test); a 0 leaves that split empty. Patients are shuffled
+    within each class and then interleaved across classes before the splits are cut, so small splits
+    hold patients of different classes where possible.
+    """
+    fractions = np.asarray(fractions, dtype=np.float64)
+    if fractions.shape != (3,) or (fractions < 0).any() or fractions.sum() <= 0:
+        raise ValueError(
+            f"fractions must be three non-negative numbers (train, val, test), got {tuple(fractions)}"
+        )
+    fractions = fractions / fractions.sum()
+    labels: dict[str, set[str]] = {}
+    for entry in entries:
+        labels.setdefault(entry.patient, set()).add(entry.label)
+    strata: dict[tuple[str, ...], list[str]] = {}
+    for patient in sorted(labels):
+        strata.setdefault(tuple(sorted(labels[patient])), []).append(patient)
+    rng = np.random.default_rng(seed)
+    queues = [[group[i] for i in rng.permutation(len(group))] for _, group in sorted(strata.items())]
+    order = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+    n_train, n_val, n_test = _split_counts(len(order), fractions)
+    names = ["test"] * n_test + ["val"] * n_val + ["train"] * n_train
+    return dict(zip(order, names, strict=True))
