@@ -1,0 +1,205 @@
+"""LRP rules: how one operation hands the relevance of its output back to its inputs.
+
+The engine follows zennit's idea, implemented here from scratch: every explained operation's output
+passes through :func:`route`, an identity in the forward pass whose backward pass does one of two
+things, chosen by a shared :class:`Switch` at backward time:
+
+* gradient mode: the ordinary gradient flows (through the operation's own autograd graph);
+* relevance mode: the rule's relevance flows, straight to the operation's inputs.
+
+So the "gradient" that reaches a captured stage output in relevance mode *is* the relevance there, and
+one forward pass serves both families of methods (two ``torch.autograd.grad`` calls on one graph).
+
+A rule is a callable ``rule(relevance_out, *inputs) -> tuple[relevance_in, ...]``.
+Linear rules use the gradient-times-input trick: with ``z = f(x)`` linear and bias-free,
+``R_in = x * (J_f^T (R_out / z))``, and ``J_f^T s`` is one vector-Jacobian product of ``f``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Switch",
+    "route",
+    "safe_divide",
+    "z_rule",
+    "PassThrough",
+    "Proportional",
+    "GatedSum",
+    "ZPlus",
+    "Epsilon",
+    "AlphaBeta",
+]
+
+Rule = Callable[..., tuple[Tensor, ...]]
+
+
+class Switch:
+    """Which signal the routed backward passes carry: gradients (default) or relevance."""
+
+    def __init__(self) -> None:
+        self.relevance = False
+
+
+class _Route(torch.autograd.Function):
+    """Identity on ``output``; its backward gives the gradient to ``output`` or the relevance to ``inputs``."""
+
+    @staticmethod
+    def forward(
+        ctx, switch: Switch, rule: Rule, keep_inputs: bool, output: Tensor, *inputs: Tensor
+    ) -> Tensor:
+        ctx.switch, ctx.rule, ctx.num_inputs = switch, rule, len(inputs)
+        ctx.save_for_backward(*(inputs if keep_inputs else ()))
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if not ctx.switch.relevance:
+            return (None, None, None, grad) + (None,) * ctx.num_inputs
+        relevance = ctx.rule(grad, *ctx.saved_tensors) if ctx.saved_tensors else ctx.rule(grad)
+        return (None, None, None, None, *relevance)
+
+
+def route(switch: Switch, rule: Rule, output: Tensor, *inputs: Tensor, keep_inputs: bool = True) -> Tensor:
+    """Return ``output`` unchanged, wired so that relevance mode applies ``rule`` to ``inputs``."""
+    return _Route.apply(switch, rule, keep_inputs, output, *inputs)
+
+
+def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """``numerator / denominator``, and 0 where the denominator is exactly 0 (that relevance is dropped)."""
+    zero = denominator == 0
+    return numerator / denominator.masked_fill(zero, 1.0) * ~zero
+
+
+def z_rule(fn: Callable[..., Tensor], inputs: Sequence[Tensor], relevance: Tensor) -> tuple[Tensor, ...]:
+    """Proportional redistribution through a bias-free linear ``fn``: ``R_i = x_i * ∂/∂x_i <s, fn(x)>``, ``s = R / fn(x)``."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(True) for x in inputs]
+        z = fn(*leaves)
+        grads = torch.autograd.grad(z, leaves, safe_divide(relevance, z))
+    return tuple(x * g for x, g in zip(inputs, grads, strict=True))
+
+
+class PassThrough:
+    """BatchNorm, ReLU, dropout: relevance passes unchanged (SPEC §4: no BN fusion)."""
+
+    keep_inputs = False
+
+    def __call__(self, relevance: Tensor) -> tuple[Tensor]:
+        return (relevance,)
+
+
+class Proportional:
+    """z-rule for a bias-free linear operation with no weights to clamp (sums, average pooling)."""
+
+    keep_inputs = True
+
+    def __init__(self, fn: Callable[..., Tensor]):
+        self.fn = fn
+
+    def __call__(self, relevance: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        return z_rule(self.fn, inputs, relevance)
+
+
+class GatedSum:
+    """Selective-Kernel fusion ``y = Σ_p a_p x_p`` with the gates ``a`` held constant: split ∝ ``a_p x_p``."""
+
+    keep_inputs = True
+
+    def __init__(self, gates: Tensor):
+        self.gates = gates.detach()
+
+    def __call__(self, relevance: Tensor, paths: Tensor) -> tuple[Tensor]:
+        weighted = paths * self.gates
+        return (weighted * safe_divide(relevance, weighted.sum(1)).unsqueeze(1),)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """The parts of a Conv2d / Linear a rule needs, with a forward that takes any weight and bias."""
+
+    module: nn.Module
+
+    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        m = self.module
+        if isinstance(m, nn.Linear):
+            return F.linear(x, weight, bias)
+        if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros":
+            return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+        raise TypeError(
+            f"no LRP rule for {type(m).__name__} (padding_mode={getattr(m, 'padding_mode', None)})"
+        )
+
+
+def _signed_parts(layer: _Layer, weight: Tensor, x: Tensor, relevance: Tensor, positive: bool) -> Tensor:
+    """Relevance of the positive (or negative) products ``x_i w_ij`` alone, each normalised by its own sum."""
+    weight = weight.detach()
+    w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+    w_for_pos_x, w_for_neg_x = (w_pos, w_neg) if positive else (w_neg, w_pos)
+    if bool((x < 0).any()):  # only the input layer sees negative values; skip the extra conv elsewhere
+        x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+        r_pos, r_neg = z_rule(
+            lambda a, b: layer(a, w_for_pos_x) + layer(b, w_for_neg_x), (x_pos, x_neg), relevance
+        )
+        return r_pos + r_neg
+    return z_rule(lambda a: layer(a, w_for_pos_x), (x,), relevance)[0]
+
+
+class ZPlus:
+    """z⁺ rule (LRP-αβ with α=1, β=0), biases zeroed: ``R_i = Σ_j (x_i w_ij)⁺ / Σ_i' (x_i' w_i'j)⁺ · R_j``.
+
+    Montavon et al., "Layer-wise relevance propagation: an overview", 2019. For non-negative inputs
+    (every layer after a ReLU) this is ``x ⊙ W⁺ᵀ (R / W⁺x)``, the published XRelevanceCAM code's rule.
+    """
+
+    keep_inputs = True
+
+    def __init__(self, module: nn.Module):
+        self.layer = _Layer(module)
+
+    def __call__(self, relevance: Tensor, x: Tensor) -> tuple[Tensor]:
+        return (_signed_parts(self.layer, self.layer.module.weight, x, relevance, positive=True),)
+
+
+class AlphaBeta:
+    """LRP-αβ: ``α·R⁺ − β·R⁻`` with positive and negative products normalised separately (α − β = 1)."""
+
+    keep_inputs = True
+
+    def __init__(self, module: nn.Module, alpha: float = 2.0, beta: float = 1.0):
+        if abs(alpha - beta - 1.0) > 1e-9:
+            raise ValueError(f"LRP-alphabeta needs alpha - beta = 1, got alpha={alpha}, beta={beta}")
+        self.layer, self.alpha, self.beta = _Layer(module), alpha, beta
+
+    def __call__(self, relevance: Tensor, x: Tensor) -> tuple[Tensor]:
+        weight = self.layer.module.weight
+        r = self.alpha * _signed_parts(self.layer, weight, x, relevance, positive=True)
+        if self.beta:
+            r = r - self.beta * _signed_parts(self.layer, weight, x, relevance, positive=False)
+        return (r,)
+
+
+class Epsilon:
+    """LRP-ε: ``R_i = x_i w_ij / (z_j + ε·sign(z_j)) · R_j`` with the layer's own bias in ``z``."""
+
+    keep_inputs = True
+
+    def __init__(self, module: nn.Module, epsilon: float = 1e-6):
+        self.layer, self.epsilon = _Layer(module), epsilon
+
+    def __call__(self, relevance: Tensor, x: Tensor) -> tuple[Tensor]:
+        module = self.layer.module
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            z = self.layer(leaf, module.weight.detach(), None)
+            bias = module.bias.detach() if module.bias is not None else None
+            total = z if bias is None else z + bias.view(1, -1, *([1] * (z.dim() - 2)))
+            stabilised = total + self.epsilon * torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+            (grad,) = torch.autograd.grad(z, leaf, relevance / stabilised)
+        return (x * grad,)
