@@ -56,7 +56,7 @@ class SynthConfig:
     patients: int = 3
     videos: int = 2
     frames: int = 16
-    size: tuple[int, int] = (128, 128)
+    size: tuple[int, int] = (160, 160)
     bit_depth: int = 8
     seed: int = 0
     mask_every: int = 1
