@@ -287,7 +287,7 @@ def _write_video(video: SynthVideo, path: Path, fmt: str) -> None:
     elif fmt == "tiff-stack":
         import tifffile
 
-        tifffile.imwrite(path, frames)
+        tifffile.imwrite(path, frames, photometric="minisblack")
     else:
         path.mkdir(parents=True, exist_ok=True)
         for index, frame in enumerate(frames):
@@ -298,7 +298,7 @@ def _write_image(path: Path, image: np.ndarray) -> None:
     if path.suffix == ".tif":
         import tifffile
 
-        tifffile.imwrite(path, image)
+        tifffile.imwrite(path, image, photometric="minisblack")
         return
     from PIL import Image
 
