@@ -32,6 +32,7 @@ LAYOUT = VideoLayout(
     num_source_frames=19,
     num_classes=2,
     map_shapes={"layer1": (6, 6), "layer4": (1, 1)},
+    input_size=24,
 )
 
 

@@ -8,7 +8,6 @@ what is written (:meth:`RunSettings.store_settings`) is recorded in the store an
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 
 from xrcam.errors import XrcamConfigError
 
-__all__ = ["RunSettings", "DEFAULT_LAYERS", "load_toml", "parse_crop", "file_sha256"]
+__all__ = ["RunSettings", "DEFAULT_LAYERS", "load_toml", "parse_crop"]
 
 DEFAULT_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
@@ -98,13 +97,21 @@ class RunSettings:
             "layers": list(self.layers),
             "rules": self.rules,
             "clrp": self.clrp,
-            "preprocessing": {
-                "frame_step": self.frame_step,
-                "crop": list(self.crop) if self.crop else None,
-                **self.preprocessing,
-            },
+            "preprocessing": self.preprocess_config().to_dict(),
             "chunk_frames": self.chunk_frames,
         }
+
+    def preprocess_config(self):
+        """This run's :class:`xrcam.preprocess.PreprocessConfig` (sidecar extras, frame step, crop)."""
+        from xrcam.preprocess import Crop, PreprocessConfig
+
+        extras = {k: tuple(v) if isinstance(v, list) else v for k, v in self.preprocessing.items()}
+        try:
+            return PreprocessConfig(
+                frame_step=self.frame_step, crop=Crop(*self.crop) if self.crop else None, **extras
+            )
+        except (TypeError, ValueError) as exc:
+            raise XrcamConfigError(f"preprocessing settings {self.preprocessing!r}: {exc}") from exc
 
     def replace(self, **changes: Any) -> RunSettings:
         return dataclasses.replace(self, **changes)
@@ -145,14 +152,6 @@ def parse_crop(text: str) -> tuple[int, int, int]:
     if x < 0 or y < 0 or size < 1:
         raise XrcamConfigError(f"crop {text!r}: x and y must be >= 0 and size >= 1")
     return x, y, size
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _with_sidecar(values: dict[str, Any], explicit: set[str]) -> dict[str, Any]:

@@ -72,6 +72,11 @@ class VideoLayout:
     num_source_frames: int
     num_classes: int
     map_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer -> (h, w)
+    input_size: int | None = None  # side of the model input and gt_mask; None: the crop's size
+
+    @property
+    def size(self) -> int:
+        return self.input_size or self.crop[2]
 
     @property
     def key(self) -> str:
@@ -101,6 +106,7 @@ class VideoLayout:
             num_source_frames=int(data["num_source_frames"]),
             num_classes=int(data["num_classes"]),
             map_shapes={layer: tuple(int(v) for v in shape) for layer, shape in data["map_shapes"].items()},
+            input_size=data.get("input_size"),
         )
 
 
@@ -218,7 +224,7 @@ class ResultStore:
     def create_video(self, layout: VideoLayout) -> zarr.Group:
         """Create a video's group and all its arrays (filled with 'missing' values until written)."""
         frames, chunk, n_classes = layout.num_frames, self.chunk_frames, layout.num_classes
-        size = layout.crop[2]
+        size = layout.size
         attrs = {
             "video_id": layout.video_id,
             "patient": layout.patient,
@@ -230,6 +236,7 @@ class ResultStore:
             "path": layout.path,
             "num_classes": layout.num_classes,
             "map_shapes": {layer: list(shape) for layer, shape in layout.map_shapes.items()},
+            "input_size": layout.size,
             "shards_done": [],
             "complete": False,
         }
