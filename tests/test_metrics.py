@@ -194,3 +194,112 @@ def test_ssim_matches_reference_and_identity():
         )
     assert ssim(a, a).tolist() == pytest.approx([1.0] * 3)
     assert got[2] < got[0] < 1
+
+
+# --------------------------------------------------------------------- axioms with the explainer
+ALL_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("skresnet18", marks=pytest.mark.slow)])
+def test_xrelevancecam_conservation_is_an_identity_and_gradcams_is_not(name):
+    import xrcam
+    from xrcam.metrics import axiom_metrics
+
+    torch.manual_seed(0)
+    model = xrcam.load_model(name, num_classes=2)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    result = axiom_metrics(
+        model, images, methods=["gradcam", "xrelevancecam"], layers=ALL_STAGES, chunk_size=256
+    )
+    for layer in ALL_STAGES:
+        assert result["xrelevancecam"][layer].conservation.max() < 1e-3, layer
+        assert result["xrelevancecam"][layer].sensitivity.isfinite().all()
+    assert max(float(result["gradcam"][layer].conservation.min()) for layer in ALL_STAGES) > 1e-2
+
+
+def test_gradient_family_axioms_at_the_last_stage_match_the_linear_head():
+    """Above layer4 sits GAP + linear, so GradCAM's weights are exact: S(A) - S(A\\A_k) = W_tk mean(A_k) = c_k.
+
+    Hence sensitivity 0 and conservation |b_t| / |L_t| (the bias is the only part of L_t not in any channel).
+    """
+    import xrcam
+    from xrcam.metrics import axiom_metrics
+
+    torch.manual_seed(1)
+    model = xrcam.load_model("resnet18", num_classes=3)
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    result = axiom_metrics(model, images, methods=["gradcam", "xgradcam", "hirescam"], layers=["layer4"])
+    with torch.no_grad():
+        logits = model(images)
+    target = logits.argmax(dim=1)
+    expected = (model.fc.bias[target] / logits.gather(1, target[:, None])[:, 0]).abs()
+    for method in ("gradcam", "xgradcam", "hirescam"):
+        r = result[method]["layer4"]
+        assert r.sensitivity.max() < 1e-4, method
+        torch.testing.assert_close(r.conservation, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_axiom_metrics_rejects_a_head_that_does_not_fit_and_restores_the_model(resnet18):
+    from xrcam.metrics import axiom_metrics
+
+    resnet18.train()
+    images = torch.randn(2, 3, 64, 64)
+    with pytest.raises(XrcamConfigError, match="layer3"):
+        axiom_metrics(
+            resnet18,
+            images,
+            methods=["gradcam"],
+            layers=["layer3"],
+            heads={"layer3": lambda a: torch.zeros(len(a), 2)},
+        )
+    assert all(m.training for m in resnet18.modules())
+    resnet18.eval()
+
+
+# ------------------------------------------------------------------------------ sanity check
+def _blob_batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A structured toy task: class 1 frames hold a bright square somewhere, class 0 frames only noise."""
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 1, 48, 48, generator=g) * 0.3
+    for i in range(n):
+        if y[i]:
+            r, c = torch.randint(4, 34, (2,), generator=g).tolist()
+            x[i, :, r : r + 10, c : c + 10] += 2.0
+    return x.expand(n, 3, 48, 48).contiguous(), y
+
+
+@pytest.mark.slow
+def test_cascading_randomization_lowers_similarity_on_a_trained_model():
+    import pandas as pd
+
+    import xrcam
+    from xrcam.metrics import cascading_randomization
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = xrcam.load_model("resnet18", num_classes=2)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    model.train()
+    for _ in range(20):
+        x, y = _blob_batch(8, g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = _blob_batch(12, g)
+    images = x[y == 1][:4]
+    records = cascading_randomization(
+        model, images, methods=["gradcam", "layercam", "xrelevancecam"], layers=ALL_STAGES, size=48
+    )
+    df = pd.DataFrame.from_records(records)
+    assert len(df) == 4 * 3 * 4 and list(df["randomized"].unique()) == ["4", "4+3", "4+3+2", "4+3+2+1"]
+    assert all(
+        torch.equal(v, before[k]) for k, v in model.state_dict().items()
+    )  # the model itself is untouched
+    for value in ("spearman", "ssim"):
+        by_step = df.groupby("step")[value].mean().to_numpy()
+        assert by_step[0] < 0.95, (value, by_step)  # randomising layer4 alone already changes the maps
+        assert np.all(np.diff(by_step) < 0.05), (value, by_step)  # never recovers as more stages go
+        assert by_step[-1] < by_step[0] - 0.2, (value, by_step)

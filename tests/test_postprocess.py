@@ -185,3 +185,10 @@ def test_minmax_works_on_any_trailing_shape():
     x = torch.arange(24.0).view(2, 3, 4)
     out = minmax(x)
     assert out[0].min() == 0 and out[1].max() == pytest.approx(1)
+
+
+def test_family_defaults_cover_the_registered_methods():
+    import xrcam
+
+    assert set(xrcam.list_methods("relevance")) == {m for m in xrcam.list_methods() if not default_relu(m)}
+    assert set(xrcam.list_methods("gradient")) == {m for m in xrcam.list_methods() if default_relu(m)}
