@@ -60,9 +60,10 @@ class InputProblem:
 
     path: Path
     problem: str
+    frame: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.problem}"
+        return str(XrcamInputError(self.path, self.problem, self.frame))
 
 
 @dataclass
@@ -219,8 +220,10 @@ def _check(entry: VideoEntry) -> tuple[VideoEntry | None, list[InputProblem]]:
         with open_video(entry.path) as reader:
             next(reader.read(0, 1))
             shape, count = reader.frame_shape, reader.num_frames
-    except (XrcamInputError, OSError) as exc:
-        return None, [InputProblem(entry.path, getattr(exc, "problem", str(exc)))]
+    except XrcamInputError as exc:  # the error names the file at fault: the video or one of its frames
+        return None, [InputProblem(Path(exc.path), exc.problem, exc.frame)]
+    except OSError as exc:
+        return None, [InputProblem(entry.path, f"cannot read ({exc})")]
     if entry.mask_path is None:
         return entry, []
     from PIL import Image
