@@ -16,10 +16,10 @@ print(",".join(heavy))
 
 
 def _heavy_modules_after(code: str) -> set[str]:
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE.format(code=code)], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    return set(filter(None, out.splitlines()[-1].split(","))) if out else set()
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(code=code)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1:] or [""]
+    return set(filter(None, last[0].split(",")))
 
 
 def test_import_xrcam_pulls_in_neither_ray_nor_torch():
