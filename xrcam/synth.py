@@ -210,9 +210,11 @@ def generate_video(config: SynthConfig, class_index: int, patient_index: int, vi
         tissue = np.where(blobs, tissue * rng.uniform(0.12, 0.22), tissue)
 
     windows = [(slice(oy, oy + h), slice(ox, ox + w)) for oy, ox in offsets]
-    frames = np.stack([tissue[win] for win in windows])
-    frames = frames * disk + 0.02 * rng.standard_normal(frames.shape) * disk
-    frames += np.abs(0.012 + 0.006 * rng.standard_normal(frames.shape)) * ~disk
+    tissue = tissue.astype(np.float32)
+    level = np.where(disk, 0.0, 0.012).astype(np.float32)  # dark background outside the FOV
+    sigma = np.where(disk, 0.02, 0.006).astype(np.float32)
+    frames = np.stack([tissue[win] for win in windows]) * disk + level
+    frames = np.abs(frames + sigma * rng.standard_normal(frames.shape, dtype=np.float32))
     frames[:, _place_mark(disk, fov)] = 0.75
     scale_max = _FULL_SCALE[config.bit_depth]
     dtype = np.uint8 if config.bit_depth == 8 else np.uint16
