@@ -117,7 +117,7 @@ def _select_entries(entries: list, run: RunSettings) -> list:
 
 def _plan(entries: list, run: RunSettings, options: EvalOptions, scoring: bool) -> list[_Frames]:
     """Pick the annotated frames to score and the frames to sample, deterministically."""
-    from xrcam.archive import load_masks
+    from xrcam.archive import mask_files
     from xrcam.io.readers import open_video
 
     annotated: list[tuple[int, int]] = []
@@ -127,7 +127,7 @@ def _plan(entries: list, run: RunSettings, options: EvalOptions, scoring: bool) 
             indices = range(0, reader.num_frames, run.frame_step)
         kept.extend((v, i) for i in indices)
         if scoring and entry.mask_path is not None:
-            marked = set(load_masks(entry))
+            marked = set(mask_files(entry.mask_path))
             annotated.extend((v, i) for i in indices if i in marked)
     scored = _evenly(annotated, options.max_frames)
     sampled = _evenly(kept, options.sample_frames) if (options.axioms or options.sanity) else []
@@ -439,12 +439,14 @@ def _sanity(model, samples, methods, layers, run, options, device, echo):
         parts.append(pd.DataFrame.from_records(records))
     df = pd.concat(parts, ignore_index=True)
     keys = ["step", "randomized", "method", "layer"]
-    for column in ("spearman", "ssim"):
-        df[f"_{column}"] = (df[column] * df["frames"]).fillna(0.0)
-    out = df.groupby(keys, sort=False)[["_spearman", "_ssim", "frames"]].sum().reset_index()
-    for column in ("spearman", "ssim"):
-        out[column] = out[f"_{column}"] / out["frames"].where(out["frames"] > 0)
-    return out[keys + ["spearman", "ssim", "frames"]]
+    df["_spearman"] = (df["spearman"] * df["spearman_frames"]).fillna(0.0)
+    df["_ssim"] = df["ssim"] * df["frames"]
+    out = (
+        df.groupby(keys, sort=False)[["_spearman", "_ssim", "frames", "spearman_frames"]].sum().reset_index()
+    )
+    out["spearman"] = out["_spearman"] / out["spearman_frames"].where(out["spearman_frames"] > 0)
+    out["ssim"] = out["_ssim"] / out["frames"]
+    return out[keys + ["spearman", "ssim", "frames", "spearman_frames"]]
 
 
 def write_tables(

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,9 +78,11 @@ def mean_iou(ious, *, correct, has_gt, gt_empty) -> MeanIoU:
     All arguments are per-frame 1-D arrays or tensors of the same length: IoU (any value where there
     is no ground truth), correctness, whether the frame is annotated, and whether its mask is empty.
     """
-    ious = torch.as_tensor(ious, dtype=torch.float64).flatten()
+    ious = torch.from_numpy(
+        np.array(ious, dtype=np.float64)
+    ).flatten()  # a copy: pandas arrays may be read-only
     correct, has_gt, gt_empty = (
-        torch.as_tensor(a, dtype=torch.bool).flatten() for a in (correct, has_gt, gt_empty)
+        torch.from_numpy(np.array(a, dtype=bool)).flatten() for a in (correct, has_gt, gt_empty)
     )
     if not (len(ious) == len(correct) == len(has_gt) == len(gt_empty)):
         raise XrcamConfigError("mean_iou: ious, correct, has_gt and gt_empty must have one entry per frame")
@@ -361,8 +364,9 @@ def cascading_randomization(
     target. Each method/layer map is normalised (:func:`xrcam.postprocess.normalize`, family default
     ReLU, upsampled to ``size``) and compared with the original. Returns one record per
     (step, method, layer): ``step`` (1 = top stage randomised), ``randomized`` (e.g. ``"4+3"``),
-    ``method``, ``layer``, mean ``spearman`` and ``ssim`` over frames (NaN-free frames only) and
-    ``frames``. The given model is not modified.
+    ``method``, ``layer``, mean ``spearman`` and ``ssim`` over the ``frames``, and ``spearman_frames``:
+    the frames where the rank correlation is defined (a constant map has none; NaN when there are
+    none). The given model is not modified.
     """
     from xrcam.explain import create_explainer
 
@@ -394,8 +398,9 @@ def cascading_randomization(
                     "method": method,
                     "layer": layer,
                     "spearman": float(rho.nanmean()),
-                    "ssim": float(sim.nanmean()),
-                    "frames": int(rho.isfinite().sum()),
+                    "ssim": float(sim.mean()),
+                    "frames": len(rho),
+                    "spearman_frames": int(rho.isfinite().sum()),
                 }
             )
     return records

@@ -158,7 +158,9 @@ def command(
 
     from workflows.evaluation import TABLE_ORDER, EvalOptions, evaluate, write_tables
     from workflows.settings import RunSettings
+    from xrcam import __version__
     from xrcam.errors import XrcamError
+    from xrcam.models import file_sha256
 
     try:
         run = RunSettings.resolve(
@@ -197,7 +199,12 @@ def command(
             "add ground-truth masks, drop --split, or ask for --axioms / --sanity"
         )
     _print(tables)
-    settings = {"run": run.to_dict(), "evaluate": asdict(options)}
+    settings = {
+        "xrcam_version": __version__,
+        "checkpoint_sha256": file_sha256(run.checkpoint) if run.checkpoint else None,
+        "run": run.to_dict(),
+        "evaluate": asdict(options),
+    }
     written = write_tables({name: tables[name] for name in TABLE_ORDER if name in tables}, out, settings)
     click.echo(f"\n{len(written)} files written to {out}")
 
