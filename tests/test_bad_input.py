@@ -129,3 +129,5 @@ def test_discovery_reports_bad_files_and_keeps_the_rest(tmp_path):
         and "mixed" in reported["b.png"]
     )
     assert all(str(p).startswith(str(p.path)) for p in archive.problems)
+    mixed = next(p for p in archive.problems if p.path.name == "b.png")
+    assert mixed.video == frames and mixed.frame == 1 and "(frame 1)" in str(mixed)

@@ -56,11 +56,16 @@ class VideoEntry:
 
 @dataclass(frozen=True)
 class InputProblem:
-    """A file discovery could not use, and why (the message of the error it raised)."""
+    """A file discovery could not use, and why (the message of the error it raised).
+
+    ``path`` is the file at fault (a frame of a folder, a mask, the video itself); ``video`` is the
+    video it belongs to, where there is one.
+    """
 
     path: Path
     problem: str
     frame: int | None = None
+    video: Path | None = None
 
     def __str__(self) -> str:
         return str(XrcamInputError(self.path, self.problem, self.frame))
@@ -197,7 +202,9 @@ def _from_manifest(manifest: Path, archive: Archive) -> list[VideoEntry]:
         )
         if mask is not None and not mask.is_dir():
             archive.problems.append(
-                InputProblem(mask, f"mask folder of {raw} not found; the video is used without masks")
+                InputProblem(
+                    mask, f"mask folder of {raw} not found; the video is used without masks", video=path
+                )
             )
             mask = None
         entries.append(VideoEntry(_video_id(path, root), path, patient, label, mask))
@@ -221,9 +228,9 @@ def _check(entry: VideoEntry) -> tuple[VideoEntry | None, list[InputProblem]]:
             next(reader.read(0, 1))
             shape, count = reader.frame_shape, reader.num_frames
     except XrcamInputError as exc:  # the error names the file at fault: the video or one of its frames
-        return None, [InputProblem(Path(exc.path), exc.problem, exc.frame)]
+        return None, [InputProblem(Path(exc.path), exc.problem, exc.frame, entry.path)]
     except OSError as exc:
-        return None, [InputProblem(entry.path, f"cannot read ({exc})")]
+        return None, [InputProblem(entry.path, f"cannot read ({exc})", video=entry.path)]
     if entry.mask_path is None:
         return entry, []
     from PIL import Image
@@ -234,19 +241,28 @@ def _check(entry: VideoEntry) -> tuple[VideoEntry | None, list[InputProblem]]:
             with Image.open(file) as im:
                 size = im.size[::-1]
         except Exception as exc:  # PIL raises many types for damaged files
-            problems.append(InputProblem(file, f"unreadable mask ({exc})"))
+            problems.append(InputProblem(file, f"unreadable mask ({exc})", index, entry.path))
             continue
         if size != shape:
             problems.append(
                 InputProblem(
-                    file, f"mask is {size[1]}x{size[0]} but its video's frames are {shape[1]}x{shape[0]}"
+                    file,
+                    f"mask is {size[1]}x{size[0]} but its video's frames are {shape[1]}x{shape[0]}",
+                    index,
+                    entry.path,
                 )
             )
         elif index >= count:
-            problems.append(InputProblem(file, f"mask for frame {index} but the video has {count} frames"))
+            problems.append(
+                InputProblem(
+                    file, f"mask for frame {index} but the video has {count} frames", index, entry.path
+                )
+            )
     if problems:
         problems.append(
-            InputProblem(entry.mask_path, "masks unusable; the video is used without ground truth")
+            InputProblem(
+                entry.mask_path, "masks unusable; the video is used without ground truth", video=entry.path
+            )
         )
         entry = replace(entry, mask_path=None)
     return entry, problems
