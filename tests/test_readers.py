@@ -122,6 +122,9 @@ def test_mkt_signed_pixels_are_clipped_and_unsigned_kept(tmp_path):
     bright = np.array([[[40000, 65535, 3], [0, 33000, 12]]], dtype=np.uint16)
     with open_video(write_mkt(tmp_path / "u.mkt", bright, {})) as reader:
         np.testing.assert_array_equal(next(reader.read())[1], bright[0])
+    saturated = np.array([[[65535, 65535, 40], [0, 1, 65535]]], dtype=np.uint16)
+    with open_video(write_mkt(tmp_path / "sat.mkt", saturated, {})) as reader:
+        np.testing.assert_array_equal(next(reader.read())[1], saturated[0])
     with open_video(tmp_path / "u.mkt", signed=True) as reader:  # explicit override reads it as signed
         np.testing.assert_array_equal(next(reader.read())[1], [[0, 0, 3], [0, 0, 12]])
 

@@ -182,12 +182,13 @@ def _to_unsigned(raw: np.ndarray, signed: bool | None) -> np.ndarray:
     """Read pixels as signed or unsigned 16-bit and return uint16 with negatives clipped to 0.
 
     ``signed=None`` decides per frame: values at or above 0x8000 that all lie in the top eighth
-    (0xF000 and up) are small negatives of a signed file (dark-level subtraction); otherwise the
-    file is unsigned and such values are genuine bright pixels.
+    (0xF000 and up) and are not all 0xFFFF are small negatives of a signed file (dark-level
+    subtraction); otherwise the file is unsigned and such values are genuine bright pixels
+    (0xFFFF alone is read as unsigned saturation, not as -1).
     """
     if signed is None:
         high = raw[raw >= 0x8000]
-        signed = high.size > 0 and bool(high.min() >= 0xF000)
+        signed = high.size > 0 and 0xF000 <= int(high.min()) < 0xFFFF
     if signed:
         return np.clip(raw.view("<i2"), 0, None).astype(np.uint16)
     return raw.astype(np.uint16, copy=False)
