@@ -99,6 +99,51 @@ def test_ablation_logits_and_sensitivity_by_hand():
     assert sensitivity(score, logit_score(ablated, target[:, None]), drop).tolist() == pytest.approx([0.0])
 
 
+class TinyNet(nn.Module):
+    """A hand-made network: layer1 = identity 1x1 conv + ReLU, then the head of :class:`TinyHead`."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer1 = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())
+        self.hidden = nn.Linear(3, 3)
+        self.fc = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.layer1[0].weight.copy_(torch.eye(3)[:, :, None, None])
+            self.layer1[0].bias.zero_()
+            self.hidden.weight.copy_(torch.eye(3))
+            self.hidden.bias.fill_(-1.0)
+            self.fc.weight.copy_(TinyHead().w)
+            self.fc.bias.zero_()
+
+    def head(self, a: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.hidden(a.mean(dim=(2, 3)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer1(x))
+
+
+def test_axiom_metrics_on_a_hand_made_network():
+    """Channel means m = (3, 2, 0.5), W_t = (1, 2, -1), L_t = 4, N = 2; zeroing channel k gives relu(-1) = 0.
+
+    GradCAM: g_k = W_tk 1[m_k > 1] / hw, so c_k = W_tk 1[m_k > 1] m_k = (3, 4, 0) while the logit drops are
+    d_k = W_tk relu(m_k - 1) = (2, 2, 0): conservation |4 - 7| / 4 = 0.75, sensitivity (1 + 2) / 4 = 0.75.
+    XRelevanceCAM: S_c = L_t / 2 = 2, drops (1, 1, 0). z+ LRP from (4, -2): class 0 gives h = (2, 1, 0) the
+    shares (2, 2, 0), class 1 gives (-2, 0, 0), so c = (0, 2, 0): conservation 0, sensitivity (1 + 1) / 2 = 1.
+    """
+    from xrcam.metrics import axiom_metrics
+
+    net = TinyNet().eval()
+    a = torch.tensor([[[[3.0, 3.0], [3.0, 3.0]], [[1.0, 3.0], [2.0, 2.0]], [[0.5, 0.5], [0.0, 1.0]]]])
+    assert net(a).tolist() == [[4.0, 0.0]]
+    result = axiom_metrics(
+        net, a, methods=["gradcam", "xrelevancecam"], layers=["layer1"], heads={"layer1": net.head}
+    )
+    assert result["gradcam"]["layer1"].conservation.item() == pytest.approx(0.75, abs=1e-6)
+    assert result["gradcam"]["layer1"].sensitivity.item() == pytest.approx(0.75, abs=1e-6)
+    assert result["xrelevancecam"]["layer1"].conservation.item() == pytest.approx(0.0, abs=1e-6)
+    assert result["xrelevancecam"]["layer1"].sensitivity.item() == pytest.approx(1.0, abs=1e-6)
+
+
 def test_ablation_logits_batches_frames_and_channels_consistently():
     g = torch.Generator().manual_seed(0)
     a = torch.rand(3, 5, 4, 4, generator=g) * 3

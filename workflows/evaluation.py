@@ -115,7 +115,7 @@ def _select_entries(entries: list, run: RunSettings) -> list:
     return [e for e in entries if assignment.get(e.patient) == run.split]
 
 
-def _plan(entries: list, run: RunSettings, options: EvalOptions, scoring: bool) -> list[_Frames]:
+def _plan(entries: list, run: RunSettings, options: EvalOptions) -> list[_Frames]:
     """Pick the annotated frames to score and the frames to sample, deterministically."""
     from xrcam.archive import mask_files
     from xrcam.io.readers import open_video
@@ -126,7 +126,7 @@ def _plan(entries: list, run: RunSettings, options: EvalOptions, scoring: bool) 
         with open_video(entry.path) as reader:
             indices = range(0, reader.num_frames, run.frame_step)
         kept.extend((v, i) for i in indices)
-        if scoring and entry.mask_path is not None:
+        if entry.mask_path is not None:
             marked = set(mask_files(entry.mask_path))
             annotated.extend((v, i) for i in indices if i in marked)
     scored = _evenly(annotated, options.max_frames)
@@ -212,7 +212,7 @@ def evaluate(
             f"Monte-Carlo evaluation needs the dropout variant of {run.model}: "
             "pass --dropout 0.1 or a checkpoint trained with --dropout"
         )
-    plans = _plan(entries, run, options, scoring=True)
+    plans = _plan(entries, run, options)
     echo(
         f"{len(entries)} videos; {sum(len(p.scored) for p in plans)} annotated frames scored, "
         f"{sum(len(p.sampled) for p in plans)} sampled; methods {', '.join(methods)}; device {device}"
