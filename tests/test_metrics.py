@@ -64,6 +64,11 @@ def test_conservation_on_known_numbers():
     score = torch.tensor([2.0, -4.0])
     contrib = torch.tensor([[1.0, 0.5, 0.5], [-1.0, -1.0, -1.0]])
     assert conservation(score, contrib).tolist() == pytest.approx([0.0, 0.25])
+    # a zero score leaves the ratio undefined: NaN (skipped by averages), never inf
+    assert torch.isnan(conservation(torch.tensor([0.0]), torch.tensor([[1.0]]))).all()
+    assert torch.isnan(
+        sensitivity(torch.tensor([1.0]), torch.tensor([[1.0, 1.0]]), torch.tensor([[0.5, 0.0]]))
+    ).all()
 
 
 # -------------------------------------------------------------------- sensitivity on a tiny network

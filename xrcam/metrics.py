@@ -127,23 +127,30 @@ class AxiomResult:
 
 
 def conservation(score: torch.Tensor, contributions: torch.Tensor) -> torch.Tensor:
-    """``|S_c(A) - sum_k sum_hw w_k A_k| / |S_c(A)|`` per frame.
+    """``|S_c(A) - sum_k sum_hw w_k A_k| / |S_c(A)|`` per frame (NaN where ``S_c(A) = 0``).
 
     ``score`` (B,); ``contributions`` (B, K) holds each channel's ``sum_hw`` of its term of the map.
     """
     total = contributions.double().sum(dim=1)
     s = score.double()
-    return ((s - total).abs() / s.abs()).to(torch.float32)
+    return _ratio((s - total).abs(), s.abs())
 
 
 def sensitivity(score: torch.Tensor, ablated: torch.Tensor, contributions: torch.Tensor) -> torch.Tensor:
     """``sum_k |S_c(A) - S_c(A\\A_k) - c_k| / sum_k |S_c(A) - S_c(A\\A_k)|`` per frame.
 
+    NaN where no ablation changes the score (the ratio is undefined).
+
     ``score`` (B,), ``ablated`` (B, K) the score with channel ``k`` zeroed, ``contributions`` (B, K).
     """
     drop = score.double()[:, None] - ablated.double()
     num = (drop - contributions.double()).abs().sum(dim=1)
-    return (num / drop.abs().sum(dim=1)).to(torch.float32)
+    return _ratio(num, drop.abs().sum(dim=1))
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` as float32, NaN (undefined, left out of averages) where ``den`` is 0."""
+    return torch.where(den > 0, num / den.clamp_min(1e-300), math.nan).to(torch.float32)
 
 
 def ablation_logits(head: Head, activation: torch.Tensor, *, chunk_size: int = 64) -> torch.Tensor:
