@@ -1,0 +1,103 @@
+"""`xrcam submit slurm` on a real one-node SLURM: the job's results equal a local `xrcam run`.
+
+Needs root (it installs and starts the SLURM daemons; CI runs as root). One job covers the whole
+path: the rendered script, a private Ray started by the job, `xrcam run` + `xrcam reduce` through it,
+and the teardown that leaves none of that job's processes behind.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+XRCAM = str(Path(sys.executable).parent / "xrcam")
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> dict:
+    """A tiny archive (in a folder with a space), seeded weights and the options both runs share."""
+    import torch
+
+    from xrcam.models import load_model, save_checkpoint
+    from xrcam.synth import SynthConfig, write_archive
+
+    root = tmp_path_factory.mktemp("slurm case")
+    archive = root / "my archive"
+    write_archive(archive, SynthConfig(patients=1, videos=1, frames=4, size=(64, 64), seed=3))
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(load_model("resnet18", num_classes=2), root / "model.pt")
+    run_args = ["--model", "resnet18", "--checkpoint", str(checkpoint), "--methods", "gradcam,xrelevancecam"]
+    run_args += ["--workers", "1", "--batch-size", "4", "--no-progress"]
+    return {"root": root, "archive": archive, "run_args": run_args}
+
+
+def _arrays(results: Path) -> dict[str, np.ndarray]:
+    import zarr
+
+    videos = zarr.open_group(results / "maps.zarr", mode="r")["videos"]
+    return {
+        f"{key}/{name}": np.asarray(array[...])
+        for key, group in videos.groups()
+        for name, array in group.arrays()
+    }
+
+
+def _own_processes(tag: str) -> list[int]:
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"XRCAM_RAY_TAG={tag}".encode() in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts SLURM daemons: needs root (CI runs as root)")
+def test_slurm_job_equals_local_run_and_cleans_up(case):
+    from slurm_local import local_slurm, wait_for_job
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    local = case["root"] / "local results"
+    subprocess.run(
+        [XRCAM, "run", str(case["archive"]), "--out", str(local), *case["run_args"]], env=env, check=True
+    )
+
+    remote = case["root"] / "slurm results"
+    with local_slurm() as slurm_env:
+        submitted = subprocess.run(
+            [XRCAM, "submit", "slurm", str(case["archive"]), "--out", str(remote), "--cpus-per-task", "2"]
+            + ["--job-name", "xr test", "--", *case["run_args"]],
+            env={**slurm_env, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.split("Submitted SLURM job ")[1].split()[0]
+        log = remote / "slurm" / f"xr test-{job_id}.out"
+        assert str(log) in submitted.stdout
+
+        job = wait_for_job(job_id, slurm_env, timeout_s=900)
+        output = log.read_text() if log.exists() else "(no log)"
+        assert job.get("JobState") == "COMPLETED" and job.get("ExitCode") == "0:0", output
+
+        status = subprocess.run([XRCAM, "status", job_id], env=slurm_env, capture_output=True, text=True)
+        assert status.returncode == 0 and "COMPLETED" in status.stdout, status.stdout + status.stderr
+        assert "Ray at 127.0.0.1:" in output
+
+    ours, theirs = _arrays(remote), _arrays(local)
+    assert ours.keys() >= theirs.keys() and theirs
+    for name, expected in theirs.items():
+        np.testing.assert_array_equal(ours[name], expected, err_msg=name)
+    assert any(name.split("/")[1].startswith("agg_") for name in ours)  # `xrcam reduce` ran in the job too
+    assert (remote / "summary").is_dir()
+    # the job stopped its own Ray: no process carries its tag, its temp dir is gone
+    assert _own_processes(f"xrcam-ray-{job_id}") == []
+    assert not Path(f"/tmp/xrcam-ray-{job_id}").exists()
