@@ -290,18 +290,20 @@ class Preprocessor:
         return ((x - mean) / std).contiguous()
 
     def _percentile_window(self, array: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-frame low/high percentiles (nearest rank) of the window pixels, shaped (B, 1, 1)."""
+        """Per-frame low/high percentiles (nearest rank) of the window pixels, shaped (B, 1, 1).
+
+        Exact and one pass per frame: a 65536-bin histogram whose cumulative count gives the k-th
+        smallest value.
+        """
         import torch
 
-        values = torch.from_numpy(array.reshape(len(array), -1)[:, self._window].astype(np.float32)).to(
-            device
-        )
+        values = array.reshape(len(array), -1)[:, self._window]
         n = values.shape[1]
+        cdf = np.stack([np.bincount(row, minlength=1 << 16) for row in values]).cumsum(axis=1)
         lo_q, hi_q = self.config.percentiles
-        k_lo, k_hi = (1 + round(q / 100 * (n - 1)) for q in (lo_q, hi_q))
-        lo = values.kthvalue(k_lo, dim=1).values
-        hi = values.kthvalue(k_hi, dim=1).values
-        return lo.view(-1, 1, 1), hi.view(-1, 1, 1)
+        bounds = [(cdf < 1 + round(q / 100 * (n - 1))).sum(axis=1) for q in (lo_q, hi_q)]
+        lo, hi = (torch.from_numpy(b.astype(np.float32)).to(device).view(-1, 1, 1) for b in bounds)
+        return lo, hi
 
     def crop_mask(self, mask: np.ndarray, frame: int | None = None) -> np.ndarray:
         """(H, W) or (B, H, W) mask -> bool (S, S) or (B, S, S), cropped (and resized) like the frames."""
