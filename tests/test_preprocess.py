@@ -41,6 +41,7 @@ CIRCLES = [
     ((96, 96), FieldOfView(47.5, 47.5, 30.0)),  # small radius
     ((200, 200), FieldOfView(95.3, 104.9, 92.8)),  # large radius
     ((578, 576), FieldOfView(287.5, 288.5, 270.0)),  # Cellvizio geometry
+    ((128, 128), FieldOfView(60.0, 70.0, 68.0)),  # circle cut by the frame's edges
 ]
 
 
