@@ -114,7 +114,7 @@ def test_split_keeps_patients_whole_and_follows_fractions():
         patients_in["train"] & patients_in["test"]
     )
     assert not (patients_in["val"] & patients_in["test"])
-    # small splits hold both classes (interleaved by class)
+    # small splits hold both classes (stratified by class)
     for s in ("val", "test"):
         assert {e.label for e in entries if split[e.patient] == s} == {"meningioma", "glioblastoma"}
     assert Counter(split_patients(entries, fractions=(0.6, 0.2, 0.2)).values()) == {
@@ -134,7 +134,9 @@ def test_split_is_seeded():
     ("per_class", "fractions", "expected"),
     [
         ({"a": 3}, (0.8, 0.1, 0.1), {"train": 1, "val": 1, "test": 1}),
-        ({"a": 3, "b": 3}, (0.8, 0.1, 0.1), {"train": 4, "val": 1, "test": 1}),
+        ({"a": 3, "b": 3}, (0.8, 0.1, 0.1), {"train": 2, "val": 2, "test": 2}),
+        ({"a": 5, "b": 5}, (0.8, 0.1, 0.1), {"train": 6, "val": 2, "test": 2}),
+        ({"a": 16, "b": 18}, (0.8, 0.1, 0.1), {"train": 27, "val": 4, "test": 3}),
         ({"a": 2}, (0.8, 0.1, 0.1), {"train": 1, "test": 1}),
         ({"a": 1}, (0.8, 0.1, 0.1), {"train": 1}),
         ({"a": 5, "b": 5}, (0.8, 0.2, 0.0), {"train": 8, "val": 2}),
@@ -143,6 +145,16 @@ def test_split_is_seeded():
 )
 def test_split_with_few_patients_gives_every_requested_split_one(per_class, fractions, expected):
     assert Counter(split_patients(_entries(per_class), fractions=fractions, seed=1).values()) == expected
+
+
+@pytest.mark.parametrize("per_class", [{"a": 2, "b": 10}, {"a": 5, "b": 5, "c": 3}, {"a": 40, "b": 3}])
+def test_split_is_stratified_by_class(per_class):
+    entries = _entries(per_class)
+    split = split_patients(entries, seed=2)
+    for s in ("train", "test"):  # every class has a training and a test patient
+        assert {e.label for e in entries if split[e.patient] == s} == set(per_class)
+    if min(per_class.values()) >= 3:
+        assert {e.label for e in entries if split[e.patient] == "val"} == set(per_class)
 
 
 def test_split_rejects_bad_fractions():

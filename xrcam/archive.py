@@ -329,17 +329,41 @@ def load_masks(entry: VideoEntry, frame_shape: tuple[int, int] | None = None) ->
     return masks
 
 
-def _split_counts(n: int, fractions: np.ndarray) -> list[int]:
-    """Patients per split: largest remainder, then one for every requested split that got none, if possible."""
-    raw = n * fractions
-    counts = np.floor(raw).astype(int)
-    for i in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
-        counts[i] += 1
-    for i in (2, 1, 0):  # test first, then val: an evaluation needs a test patient most
-        if fractions[i] > 0 and counts[i] == 0 and counts.max() > 1:
-            counts[int(np.argmax(counts))] -= 1
-            counts[i] += 1
-    return counts.tolist()
+_PRIORITY = (2, 1, 0)  # test, val, train: an evaluation needs a test patient of each class most
+
+
+def _split_counts(sizes: list[int], fractions: np.ndarray) -> np.ndarray:
+    """Patients per (class, split): stratified largest-remainder rounding with coverage rules.
+
+    Ties in the rounding go to the split that is globally furthest below its share, so the totals
+    follow ``fractions``. Each class then gives every requested split one patient (test first, then
+    val) while another split of that class keeps two or more; finally every requested split still
+    empty overall takes one patient from the largest split.
+    """
+    requested = [i for i in _PRIORITY if fractions[i] > 0]
+    counts = np.zeros((len(sizes), 3), dtype=int)
+    seen = 0
+    for c, n in enumerate(sizes):
+        seen += n
+        raw = n * fractions
+        row = np.floor(raw).astype(int)
+        deficit = seen * fractions - counts.sum(axis=0) - row
+        for i in np.lexsort((-deficit, -(raw - row)))[: n - row.sum()]:
+            row[i] += 1
+        for i in requested:
+            if row[i] == 0 and row.max() > 1:
+                row[int(np.argmax(row))] -= 1
+                row[i] += 1
+        counts[c] = row
+    for i in requested:
+        totals = counts.sum(axis=0)
+        if totals[i] == 0:
+            donor = max((j for j in _PRIORITY if totals[j] > 1), key=lambda j: totals[j], default=None)
+            if donor is not None:
+                c = int(np.argmax(counts[:, donor]))
+                counts[c, donor] -= 1
+                counts[c, i] += 1
+    return counts
 
 
 def split_patients(
@@ -347,9 +371,11 @@ def split_patients(
 ) -> dict[str, str]:
     """Assign every patient to ``"train"``, ``"val"`` or ``"test"`` (never two), reproducibly from ``seed``.
 
-    ``fractions`` are of patients (train, val, test); a 0 leaves that split empty. Patients are shuffled
-    within each class and then interleaved across classes before the splits are cut, so small splits
-    hold patients of different classes where possible.
+    ``fractions`` are of patients (train, val, test); a 0 leaves that split empty. The split is
+    stratified by class: patients are shuffled within each class and every requested split gets at
+    least one patient of each class that has enough patients, so a test split always has ground
+    truth to score where the archive allows (see :func:`_split_counts`). A patient found under
+    several classes forms a stratum of its own and is never split.
     """
     fractions = np.asarray(fractions, dtype=np.float64)
     if fractions.shape != (3,) or (fractions < 0).any() or fractions.sum() <= 0:
@@ -363,9 +389,12 @@ def split_patients(
     strata: dict[tuple[str, ...], list[str]] = {}
     for patient in sorted(labels):
         strata.setdefault(tuple(sorted(labels[patient])), []).append(patient)
+    groups = [group for _, group in sorted(strata.items())]
     rng = np.random.default_rng(seed)
-    queues = [[group[i] for i in rng.permutation(len(group))] for _, group in sorted(strata.items())]
-    order = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
-    n_train, n_val, n_test = _split_counts(len(order), fractions)
-    names = ["test"] * n_test + ["val"] * n_val + ["train"] * n_train
-    return dict(zip(order, names, strict=True))
+    out = {}
+    for group, (n_train, n_val, n_test) in zip(
+        groups, _split_counts([len(g) for g in groups], fractions), strict=True
+    ):
+        shuffled = [group[i] for i in rng.permutation(len(group))]
+        out.update(zip(shuffled, ["test"] * n_test + ["val"] * n_val + ["train"] * n_train, strict=True))
+    return out
