@@ -320,6 +320,14 @@ class _Scheduler:
             self.plan(entry)
         else:
             self.store.mark_done(item.key, item.start, item.stop)  # after the data: the completion marker
+            log.debug(
+                "shard %d of %s done: %d frames in %.1f s (worker pid %d)",
+                item.index,
+                item.video_id,
+                result["frames"],
+                result["seconds"],
+                result["pid"],
+            )
             self.summary.shards_processed += 1
             self.summary.frames_processed += result["frames"]
             self.bar.update(result["frames"])

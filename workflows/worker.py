@@ -75,9 +75,10 @@ class ShardWorker:
         threads: int | None = None,
         log_level: int | None = None,
     ):
-        if log_level is not None:
-            logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-            logging.getLogger().setLevel(log_level)
+        if log_level is not None:  # our loggers only: third-party debug output would drown the run's
+            logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            for name in ("workflows", "xrcam"):
+                logging.getLogger(name).setLevel(log_level)
         import torch
 
         import xrcam
@@ -232,7 +233,6 @@ class ShardWorker:
     def _read(self, shard: Shard, layout: VideoLayout, out: queue.Queue, stop: threading.Event) -> None:
         """Reader thread: decode and preprocess the shard's frames in batches."""
         from xrcam.archive import load_masks
-
         from xrcam.errors import XrcamInputError
         from xrcam.io.readers import open_video
 
