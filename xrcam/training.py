@@ -67,6 +67,7 @@ METRIC_COLUMNS = (
     "best",
     "seconds",
 )
+BN_FRAMES = 512  # training frames used to recompute batch-norm statistics after each epoch
 # settings that must not change when a run is resumed (the weights would not fit or the data would differ)
 _RESUME_KEYS = ("model", "dropout", "seed", "frame_step", "image_size", "max_frames_per_video", "fractions")
 
@@ -86,6 +87,7 @@ class TrainConfig:
     max_frames_per_video: int | None = None  # evenly spaced subset of the kept frames
     image_size: int | None = None  # resize the FOV square to this many pixels
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    init_weights: str | None = None  # e.g. ImageNet weights to fine-tune from (classifier re-initialised)
     rotation_degrees: float = 180.0  # pCLE tissue has no preferred orientation
     contrast: float = 0.2  # contrast factor drawn from [1 - c, 1 + c]
 
@@ -148,14 +150,18 @@ def prepare_data(archive: Any, config: TrainConfig, *, progress: bool = False) -
     problems = [str(p) for p in getattr(archive, "problems", [])]
     if not entries:
         raise XrcamInputError(getattr(archive, "root", "archive"), "no readable videos found")
-    classes = sorted({e.label for e in entries})
+    classes = archive.classes
     if len(classes) < 2:
         raise XrcamConfigError(f"training needs at least two classes, the archive has {classes}")
     assignment = split_patients(entries, fractions=tuple(config.fractions), seed=config.seed)
 
-    per_split: dict[str, list[tuple[np.ndarray, int]]] = {s: [] for s in SPLITS}
+    from xrcam.models import load_model, model_normalisation
+    from xrcam.preprocess import PreprocessConfig
+
+    mean, std = model_normalisation(load_model(config.model, num_classes=len(classes)))
+    pre_config = PreprocessConfig(frame_step=config.frame_step, size=config.image_size, mean=mean, std=std)
+    per_split: dict[str, list[tuple[torch.Tensor, int]]] = {s: [] for s in SPLITS}
     rows: list[dict[str, str]] = []
-    preprocessing: dict[str, Any] = {}
     iterator = entries
     if progress:
         from tqdm.auto import tqdm
@@ -164,7 +170,7 @@ def prepare_data(archive: Any, config: TrainConfig, *, progress: bool = False) -
     for entry in iterator:
         split = assignment[entry.patient]
         try:
-            images, preprocessing = _load_video(entry.path, config)
+            images = _load_video(entry.path, config, pre_config)
         except XrcamInputError as exc:
             problems.append(str(exc))
             log.warning("skipping video: %s", exc)
@@ -187,23 +193,26 @@ def prepare_data(archive: Any, config: TrainConfig, *, progress: bool = False) -
                 f"{len({e.patient for e in entries})} patients): add patients or change the split fractions"
             )
         frames[split] = FrameSet(
-            images=torch.cat([torch.from_numpy(v) for v, _ in videos]),
+            images=torch.cat([v for v, _ in videos]),
             labels=torch.cat([torch.full((len(v),), label, dtype=torch.int64) for v, label in videos]),
         )
     return TrainData(
-        classes=classes, frames=frames, split_rows=rows, preprocessing=preprocessing, problems=problems
+        classes=classes,
+        frames=frames,
+        split_rows=rows,
+        preprocessing=pre_config.to_dict(),
+        problems=problems,
     )
 
 
-def _load_video(path: Path, config: TrainConfig) -> tuple[np.ndarray, dict[str, Any]]:
-    """Kept frames of one video, preprocessed: ((F, 3, S, S) float16, preprocessing settings)."""
+def _load_video(path: Path, config: TrainConfig, pre_config: Any) -> torch.Tensor:
+    """Kept frames of one video, preprocessed: (F, 3, S, S) float16."""
     from xrcam.io.readers import open_video
-    from xrcam.preprocess import Preprocessor, PreprocessConfig
+    from xrcam.preprocess import Preprocessor
 
-    pre_config = PreprocessConfig(frame_step=config.frame_step, image_size=config.image_size)
     with open_video(path) as reader:
         pre = Preprocessor.for_video(reader, pre_config)
-        kept = list(range(0, reader.num_frames, config.frame_step))
+        kept = list(pre.frame_indices(reader.num_frames))
         if config.max_frames_per_video is not None and len(kept) > config.max_frames_per_video:
             pick = np.linspace(0, len(kept) - 1, config.max_frames_per_video).round().astype(int)
             kept = [kept[i] for i in sorted(set(pick.tolist()))]
@@ -212,7 +221,7 @@ def _load_video(path: Path, config: TrainConfig) -> tuple[np.ndarray, dict[str, 
         if not raw:
             raise XrcamInputError(path, "no frames to train on")
         chunks = [pre(np.stack(raw[i : i + 64])).to(torch.float16) for i in range(0, len(raw), 64)]
-    return torch.cat(chunks).numpy(), pre.settings()
+    return torch.cat(chunks)
 
 
 # ------------------------------------------------------------------------------------- augmentation
@@ -305,7 +314,14 @@ def fit(
     ranks.barrier()
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = load_model(config.model, num_classes=len(data.classes), dropout=config.dropout).to(device)
+    model = load_model(
+        config.model,
+        num_classes=len(data.classes),
+        checkpoint=config.init_weights,
+        dropout=config.dropout,
+        ignore_classifier=True,
+        device=device,
+    )
     optimizer = torch.optim.Adamax(model.parameters(), lr=config.lr)
     state = _resume(out, config, data, model, optimizer)
     if ranks.main:
@@ -332,6 +348,7 @@ def fit(
             device,
             progress,
         )
+        _recalibrate_batchnorm(model, data.frames["train"], config, epoch, per_rank_batch, device)
         val_loss, val_acc, _ = _evaluate(model, data.frames["val"], per_rank_batch, ranks, device)
         improved = val_acc > state["best_val_accuracy"] or (
             val_acc == state["best_val_accuracy"] and val_loss < state["best_val_loss"]
@@ -363,8 +380,12 @@ def fit(
     if state["best_epoch"] == 0:
         raise XrcamConfigError(f"{out}: no epoch was trained (epochs={config.epochs}); raise --epochs")
     best = load_model(
-        config.model, num_classes=len(data.classes), checkpoint=out / MODEL_FILE, dropout=config.dropout
-    ).to(device)
+        config.model,
+        num_classes=len(data.classes),
+        checkpoint=out / MODEL_FILE,
+        dropout=config.dropout,
+        device=device,
+    )
     test_loss, test_acc, test_n = _evaluate(best, data.frames["test"], per_rank_batch, ranks, device)
     test = {"accuracy": test_acc, "loss": test_loss, "frames": test_n}
     if ranks.main:
@@ -453,6 +474,39 @@ def _train_epoch(
         bar.close()
     loss_sum, correct, seen = ranks.sum([loss_sum, correct, seen], device)
     return loss_sum / seen, correct / seen
+
+
+@torch.no_grad()
+def _recalibrate_batchnorm(
+    model: nn.Module, frames: FrameSet, config: TrainConfig, epoch: int, batch_size: int, device: torch.device
+) -> None:
+    """Recompute batch-norm running statistics as plain averages over (up to) ``BN_FRAMES`` training frames.
+
+    Why: from random weights and with few steps per epoch, the exponential running averages lag far
+    behind the weights, so eval-mode accuracy swings while train accuracy is already high, and early
+    stopping would judge noise. One forward pass over unaugmented training frames with the current
+    weights ("precise BN") fixes the statistics the checkpoint is used with. All ranks use the same
+    frames, so their statistics agree. Dropout stays off during the pass, as it is at evaluation.
+    """
+    norms = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not norms:
+        return
+    was_training = model.training
+    model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches of this pass
+        m.train()
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch + 7)
+    index = torch.randperm(len(frames), generator=generator)[:BN_FRAMES]
+    for start in range(0, len(index), batch_size):
+        model(frames.images[index[start : start + batch_size]].to(device, torch.float32))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 @torch.no_grad()

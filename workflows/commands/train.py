@@ -49,6 +49,12 @@ import click
     "--image-size", type=click.IntRange(min=16), default=None, help="Resize the FOV square to this size."
 )
 @click.option(
+    "--init-weights",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Local weights to fine-tune from (e.g. timm ImageNet weights); the classifier is re-initialised.",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1),
     default=None,
@@ -81,6 +87,7 @@ def command(
     frame_step: int,
     max_frames_per_video: int | None,
     image_size: int | None,
+    init_weights: Path | None,
     workers: int | None,
     address: str | None,
     device: str,
@@ -111,6 +118,7 @@ def command(
         frame_step=frame_step,
         max_frames_per_video=max_frames_per_video,
         image_size=image_size,
+        init_weights=None if init_weights is None else str(init_weights),
     )
     try:
         _train(archive, out, config, workers, address, device, progress)
