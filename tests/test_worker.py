@@ -166,3 +166,22 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_results(archive, tmp_path)
     assert worker.batch_size == 2 and sizes[0] == 4 and max(sizes[1:]) == 2
     group = store.video(store.video_keys()[0])
     assert (group["frame_index"][:] >= 0).all() and not np.isnan(group["xrelevancecam_layer4"][:]).any()
+
+
+def test_split_follows_the_checkpoint_sidecar(archive, tmp_path):
+    from workflows.driver import _split_entries
+
+    root, _ = archive
+    entries = discover_archive(root / "archive").entries
+    model = xrcam.load_model("resnet18", num_classes=2)
+    test_video = entries[1].video_id
+    sidecar = {
+        "model": "resnet18",
+        "classes": CLASSES,
+        "split": {"videos": {"train": [entries[0].video_id], "test": [test_video]}},
+    }
+    checkpoint = save_checkpoint(model, tmp_path / "model.pt", sidecar)
+    settings = RunSettings.resolve(
+        None, archive=str(root / "archive"), out=str(tmp_path), checkpoint=str(checkpoint), split="test"
+    )
+    assert [e.video_id for e in _split_entries(entries, settings)] == [test_video]

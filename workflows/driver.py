@@ -46,6 +46,7 @@ class RunSummary:
     workers: int = 0
     worker_restarts: int = 0
     seconds: float = 0.0
+    startup_seconds: float = 0.0  # discovery, Ray start and worker start-up (model loading) before work flows
     failures: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -120,15 +121,14 @@ def run(
     Raises :class:`xrcam.errors.XrcamConfigError` when the store holds other settings.
     """
     import xrcam
-    from xrcam.archive import discover_archive, split_patients
+    from xrcam.archive import discover_archive
     from xrcam.models import file_sha256
 
     started = time.perf_counter()
     archive = discover_archive(settings.archive)
     entries = list(archive.entries)
     if settings.split:
-        splits = split_patients(entries)
-        entries = [e for e in entries if splits.get(e.patient) == settings.split]
+        entries = _split_entries(entries, settings)
     classes = list(settings.classes or sorted({e.label for e in archive.entries}))
     methods = list(settings.methods or xrcam.list_methods())
     settings = settings.replace(methods=tuple(methods), classes=tuple(classes))
@@ -138,9 +138,7 @@ def run(
     )
     summary = RunSummary(results=str(store.root), videos=len(entries))
     summary.failures = [
-        _failure(
-            problem.path, _problem_video_id(problem, settings.archive), -1, "XrcamInputError", str(problem)
-        )
+        _failure(problem.path, _problem_video_id(problem, archive.root), -1, "XrcamInputError", str(problem))
         for problem in archive.problems
     ]
     log.info("%d videos to explain (%d discovery problems)", len(entries), len(archive.problems))
@@ -155,6 +153,7 @@ def run(
         try:
             pool = _Pool(settings, classes, store)
             summary.workers = len(pool.actors)
+            summary.startup_seconds = time.perf_counter() - started
             scheduler.run(pool, progress)
             summary.worker_restarts = pool.restarts
             pool.close()
@@ -173,11 +172,31 @@ def run(
     return summary
 
 
-def _problem_video_id(problem, root: str) -> str:
+def _split_entries(entries: list, settings: RunSettings) -> list:
+    """The videos of ``settings.split``: the checkpoint's own split when its sidecar records one
+    (so ``--split test`` explains exactly the videos the model never trained on), else a fresh
+    patient-level split with the library defaults."""
+    from xrcam.archive import split_patients
+    from xrcam.models import read_checkpoint_sidecar
+
+    recorded = (
+        (read_checkpoint_sidecar(settings.checkpoint) or {}).get("split") if settings.checkpoint else None
+    )
+    if recorded and recorded.get("videos"):
+        wanted = set(recorded["videos"].get(settings.split, []))
+        return [e for e in entries if e.video_id in wanted]
+    options = {k: recorded[k] for k in ("fractions", "seed") if recorded and recorded.get(k) is not None}
+    splits = split_patients(entries, **options)
+    return [e for e in entries if splits.get(e.patient) == settings.split]
+
+
+def _problem_video_id(problem, root: Path) -> str:
+    """The archive-relative id of the video a discovery problem belongs to (or of the file itself)."""
+    path = Path(getattr(problem, "video", None) or problem.path)
     try:
-        return Path(problem.path).resolve().relative_to(Path(root).resolve()).as_posix()
+        return path.resolve().relative_to(Path(root).resolve()).as_posix()
     except ValueError:
-        return Path(problem.path).name
+        return path.name
 
 
 class _Pool:

@@ -1,0 +1,116 @@
+"""Throughput of `xrcam run` against the bare explainer, and stored bytes per frame.
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--model resnet18] [--videos 2] [--frames 64]
+
+Generates a synthetic 8-bit archive whose frames hold a 230x230 crop (the paper's size), then in one
+process and on the same frames:
+
+1. the bare explainer (all 7 methods x 4 layers, preprocessed frames already in memory, batches of
+   ``--batch-size``) -> frames/s; measured before and after the run, averaged;
+2. ``xrcam run`` through the driver on a local Ray with one worker given every core -> frames/s over
+   the whole call (Ray worker start-up and model loading included) and after start-up (steady state);
+3. the store's bytes on disk divided by the frames.
+
+Targets: steady-state ratio >= 0.85; <= 64 KB per frame. Prints the numbers; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+CROP = 230
+
+
+def bare_explainer_fps(archive: Path, args, threads: int) -> tuple[float, int]:
+    """Frames/s of the explainer alone on every kept frame of the archive."""
+    import numpy as np
+    import torch
+
+    import xrcam
+    from xrcam.archive import discover_archive
+    from xrcam.io.readers import open_video
+    from xrcam.preprocess import Crop, PreprocessConfig, Preprocessor
+
+    torch.set_num_threads(threads)
+    model = xrcam.load_model(args.model, num_classes=2)
+    explainer = xrcam.create_explainer(model)
+    batches = []
+    for entry in discover_archive(archive).entries:
+        with open_video(entry.path) as reader:
+            pre = Preprocessor.for_video(reader, PreprocessConfig(frame_step=2, crop=Crop(*args.crop)))
+            frames = np.stack([frame for _, frame in reader.read(0, None, 2)])
+        x = pre(frames)
+        batches += [x[i : i + args.batch_size] for i in range(0, len(x), args.batch_size)]
+    explainer(batches[0][:1])  # warm-up
+    started = time.perf_counter()
+    for x in batches:
+        exp = explainer(x)
+        for layers in exp.maps.values():  # the run stores float16 on the host: count the same copy
+            for value in layers.values():
+                value.to(torch.float16).numpy()
+    frames = sum(len(x) for x in batches)
+    return frames / (time.perf_counter() - started), frames
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--videos", type=int, default=2, help="videos per class (one patient each)")
+    parser.add_argument("--frames", type=int, default=64, help="frames per video (every 2nd is kept)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=None, help="working folder (default: a temporary one)")
+    args = parser.parse_args()
+    size = CROP + 26
+    args.crop = (13, 13, CROP)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+    from workflows.driver import run, start_ray
+    from workflows.settings import RunSettings
+    from xrcam.synth import SynthConfig, write_archive
+
+    work = args.out or Path(tempfile.mkdtemp(prefix="xrcam-bench-"))
+    archive = work / "archive"
+    if not archive.exists():
+        write_archive(
+            archive, SynthConfig(patients=1, videos=args.videos, frames=args.frames, size=(size, size)), "png"
+        )
+    cpus = os.cpu_count() or 1
+
+    bare_before, frames = bare_explainer_fps(archive, args, cpus)
+    settings = RunSettings.resolve(
+        None,
+        archive=str(archive),
+        out=str(work / "results"),
+        model=args.model,
+        crop=",".join(map(str, args.crop)),
+        batch_size=args.batch_size,
+        workers=1,
+        overwrite=True,
+    )
+    start_ray(None, num_cpus=cpus)
+    summary = run(settings, progress=False)
+    bare_after, _ = bare_explainer_fps(archive, args, cpus)
+    assert summary.ok and summary.frames_processed == frames, summary
+
+    bare = (bare_before + bare_after) / 2
+    end_to_end = frames / summary.seconds
+    steady = frames / (summary.seconds - summary.startup_seconds)
+    stored = sum(p.stat().st_size for p in (work / "results" / "maps.zarr").rglob("*") if p.is_file())
+    print(f"model {args.model}, {frames} frames of {CROP}x{CROP}, 7 methods x 4 layers, {cpus} CPU cores")
+    print(f"bare explainer        {bare:8.2f} frames/s  (before {bare_before:.2f}, after {bare_after:.2f})")
+    print(f"xrcam run, steady     {steady:8.2f} frames/s  ratio {steady / bare:.2f}  (target >= 0.85)")
+    print(
+        f"xrcam run, whole call {end_to_end:8.2f} frames/s  ratio {end_to_end / bare:.2f}"
+        f"  (incl. {summary.startup_seconds:.1f} s worker start-up)"
+    )
+    print(
+        f"stored                {stored / frames / 1024:8.1f} KB/frame  (target <= 64 KB; whole store, all arrays)"
+    )
+
+
+if __name__ == "__main__":
+    main()
