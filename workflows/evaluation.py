@@ -139,8 +139,8 @@ def _plan(entries: list, run: RunSettings, options: EvalOptions) -> list[_Frames
     return [p for p in plans if p.scored or p.sampled]
 
 
-def _read(plan: _Frames, run: RunSettings, batch_size: int) -> Iterator[tuple[Any, list[int], Any, Any]]:
-    """Yield ``(preprocessor, indices, images, gt_masks | None)`` batches of the planned frames."""
+def _read(plan: _Frames, run: RunSettings, batch_size: int) -> Iterator[tuple[list[int], Any, np.ndarray]]:
+    """Yield ``(indices, images, gt_masks)`` batches of the planned frames (empty masks where none)."""
     from xrcam.archive import load_masks
     from xrcam.io.readers import open_video
     from xrcam.preprocess import PreprocessConfig, Preprocessor
@@ -178,7 +178,7 @@ def _batch(pre, batch: list[tuple[int, np.ndarray]], masks: dict[int, np.ndarray
             for i in indices
         ]
     )
-    return pre, indices, images, gt
+    return indices, images, gt
 
 
 def evaluate(
@@ -222,11 +222,12 @@ def evaluate(
     if options.mc_samples:
         explainers["on"] = xrcam.create_explainer(model, mc_samples=options.mc_samples, **kwargs)
     rule, fraction = _parse_threshold(options.threshold)
+    scorer = _Scorer(classes, methods, sets, rule, fraction, options.relu)
     rows: list[dict[str, Any]] = []
     samples: list[tuple[Any, int, Any, int]] = []  # (entry, frame, image, label index)
     for plan in plans:
         label_index = classes.index(plan.entry.label) if plan.entry.label in classes else -1
-        for _pre, indices, images, gt in _read(plan, run, run.batch_size):
+        for indices, images, gt in _read(plan, run, run.batch_size):
             for i, index in enumerate(indices):
                 if index in plan.sampled:
                     samples.append((plan.entry, index, images[i], label_index))
@@ -237,20 +238,8 @@ def evaluate(
             truth = torch.from_numpy(gt[scored]).to(device)
             for dropout, explainer in explainers.items():
                 rows.extend(
-                    _score_batch(
-                        explainer,
-                        x,
-                        truth,
-                        plan.entry,
-                        [indices[i] for i in scored],
-                        label_index,
-                        classes,
-                        methods,
-                        sets,
-                        rule,
-                        fraction,
-                        options.relu,
-                        dropout,
+                    scorer(
+                        explainer(x), truth, plan.entry, [indices[i] for i in scored], label_index, dropout
                     )
                 )
     tables: dict[str, Any] = {}
@@ -266,49 +255,56 @@ def evaluate(
     return tables
 
 
-def _score_batch(
-    explainer, x, truth, entry, indices, label_index, classes, methods, sets, rule, fraction, relu, dropout
-) -> list[dict[str, Any]]:
-    """Per-frame rows (frame x method x layer set) of one explained batch."""
-    import torch
+@dataclass(frozen=True)
+class _Scorer:
+    """Turns one explained batch into per-frame rows (frame x method x layer set)."""
 
-    from xrcam.postprocess import aggregate, iou, make_masks, normalize
+    classes: list[str]
+    methods: list[str]
+    sets: list[str]
+    rule: str
+    fraction: float
+    relu: bool | None
 
-    exp = explainer(x)
-    predicted = exp.logits.argmax(dim=1).cpu()
-    size = tuple(truth.shape[-2:])
-    gt_area = truth.flatten(1).sum(dim=1).cpu()
-    rows = []
-    for method in methods:
-        norm = {layer: normalize(m, size, method=method, relu=relu) for layer, m in exp.maps[method].items()}
-        for layer_set in sets:
-            masks = make_masks(aggregate(norm, layer_set), rule, fraction=fraction)
-            scores = iou(masks, truth).cpu()
-            area = masks.flatten(1).sum(dim=1).cpu()
-            for i, index in enumerate(indices):
-                rows.append(
-                    {
-                        "video_id": entry.video_id,
-                        "patient": entry.patient,
-                        "label": entry.label,
-                        "frame": int(index),
-                        "dropout": dropout,
-                        "method": method,
-                        "layer_set": layer_set,
-                        "prediction": classes[int(predicted[i])] if int(predicted[i]) < len(classes) else "",
-                        "correct": bool(int(predicted[i]) == label_index),
-                        "has_gt_mask": True,
-                        "gt_empty": bool(gt_area[i] == 0),
-                        "gt_area": int(gt_area[i]),
-                        "mask_area": int(area[i]),
-                        "mask_fraction": float(area[i]) / float(np.prod(size)),
-                        "iou": float(scores[i]),
-                    }
-                )
-    del exp
-    if x.is_cuda:
-        torch.cuda.empty_cache()
-    return rows
+    def __call__(self, exp, truth, entry, indices: list[int], label_index: int, dropout: str) -> list[dict]:
+        from xrcam.postprocess import aggregate, iou, make_masks, normalize
+
+        predicted = exp.logits.argmax(dim=1).cpu().tolist()
+        size = tuple(truth.shape[-2:])
+        gt_area = truth.flatten(1).sum(dim=1).cpu().tolist()
+        rows = []
+        for method in self.methods:
+            norm = {
+                layer: normalize(m, size, method=method, relu=self.relu)
+                for layer, m in exp.maps[method].items()
+            }
+            for layer_set in self.sets:
+                masks = make_masks(aggregate(norm, layer_set), self.rule, fraction=self.fraction)
+                scores = iou(masks, truth).cpu().tolist()
+                area = masks.flatten(1).sum(dim=1).cpu().tolist()
+                for i, index in enumerate(indices):
+                    rows.append(
+                        {
+                            "video_id": entry.video_id,
+                            "patient": entry.patient,
+                            "label": entry.label,
+                            "frame": int(index),
+                            "dropout": dropout,
+                            "method": method,
+                            "layer_set": layer_set,
+                            "prediction": self.classes[predicted[i]]
+                            if predicted[i] < len(self.classes)
+                            else "",
+                            "correct": predicted[i] == label_index,
+                            "has_gt_mask": True,
+                            "gt_empty": gt_area[i] == 0,
+                            "gt_area": int(gt_area[i]),
+                            "mask_area": int(area[i]),
+                            "mask_fraction": area[i] / float(np.prod(size)),
+                            "iou": scores[i],
+                        }
+                    )
+        return rows
 
 
 def _miou_tables(iou, methods, sets, options: EvalOptions, model: str) -> dict[str, Any]:
