@@ -148,6 +148,7 @@ class StageSignals:
     activations: dict[str, Tensor]
     gradients: dict[str, Tensor] = field(default_factory=dict)
     relevance: dict[str, Tensor] = field(default_factory=dict)
+    leaks: dict[str, Tensor] | None = None  # module name -> (B,) relevance not passed on (track_leaks)
 
 
 def _resolve_target(target: int | Sequence[int] | Tensor | None, logits: Tensor) -> Tensor:
@@ -201,13 +202,14 @@ def stage_signals(
     relevance: bool = True,
     composite: Composite | str = "reference",
     clrp: str = "unit",
+    track_leaks: bool = False,
 ) -> StageSignals:
     """One forward pass of ``model`` (in whatever mode the caller set) and the requested backward passes.
 
     ``images`` must require grad or the model's parameters must, so the forward builds a graph;
     :class:`Explainer` takes care of that and of the model's state.
     """
-    with lrp_context(model, composite) as switch, _captured(model, layers) as acts:
+    with lrp_context(model, composite, track_leaks) as switch, _captured(model, layers) as acts:
         logits = model(images)
         target_ = _resolve_target(target, logits)
         captured = [acts[name] for name in layers]
@@ -220,6 +222,7 @@ def stage_signals(
             switch.relevance = True
             rels = torch.autograd.grad(logits, captured, clrp_start(logits, target_, clrp))
             signals.relevance = dict(zip(layers, rels, strict=True))
+            signals.leaks = switch.leaks
     return signals
 
 

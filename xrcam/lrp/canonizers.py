@@ -54,7 +54,7 @@ RESIDUAL_BLOCKS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {
 _ADD = Proportional(torch.add)
 
 
-def _residual_forward(block: nn.Module, switch: Switch) -> Callable[[Tensor], Tensor]:
+def _residual_forward(block: nn.Module, switch: Switch, name: str) -> Callable[[Tensor], Tensor]:
     branch_names, act_name = RESIDUAL_BLOCKS[type(block)]
     branch = [m for m in (getattr(block, name, None) for name in branch_names) if m is not None]
     act = getattr(block, act_name)
@@ -64,12 +64,12 @@ def _residual_forward(block: nn.Module, switch: Switch) -> Callable[[Tensor], Te
         for module in branch:
             out = module(out)
         shortcut = x if block.downsample is None else block.downsample(x)
-        return act(route(switch, _ADD, out + shortcut, out, shortcut))
+        return act(route(switch, _ADD, out + shortcut, out, shortcut, name=f"{name}.residual_sum"))
 
     return forward
 
 
-def _selective_kernel_forward(sk: SelectiveKernel, switch: Switch) -> Callable[[Tensor], Tensor]:
+def _selective_kernel_forward(sk: SelectiveKernel, switch: Switch, name: str) -> Callable[[Tensor], Tensor]:
     def forward(x: Tensor) -> Tensor:
         if sk.split_input:
             parts = torch.split(x, sk.in_channels // sk.num_paths, 1)
@@ -78,15 +78,15 @@ def _selective_kernel_forward(sk: SelectiveKernel, switch: Switch) -> Callable[[
             paths = [op(x) for op in sk.paths]
         stacked = torch.stack(paths, dim=1)
         gates = sk.attn(stacked)
-        return route(switch, GatedSum(gates), (stacked * gates).sum(1), stacked)
+        return route(switch, GatedSum(gates), (stacked * gates).sum(1), stacked, name=f"{name}.gated_sum")
 
     return forward
 
 
-def canonical_forward(module: nn.Module, switch: Switch) -> Callable[[Tensor], Tensor] | None:
-    """The relevance-aware replacement forward for ``module``, or ``None`` when it needs none."""
+def canonical_forward(module: nn.Module, switch: Switch, name: str = "") -> Callable[[Tensor], Tensor] | None:
+    """The relevance-aware replacement forward for ``module`` (called ``name``), or ``None``."""
     if type(module) in RESIDUAL_BLOCKS:
-        return _residual_forward(module, switch)
+        return _residual_forward(module, switch, name)
     if type(module) is SelectiveKernel:
-        return _selective_kernel_forward(module, switch)
+        return _selective_kernel_forward(module, switch, name)
     return None

@@ -79,12 +79,11 @@ def make_composite(preset: str | Composite = "reference", **params: float) -> Co
     return Composite(preset, dict(params))
 
 
-def _routed_forward(module: nn.Module, rule, switch: Switch) -> Callable[..., Tensor]:
+def _routed_forward(module: nn.Module, rule, switch: Switch, name: str) -> Callable[..., Tensor]:
     original = module.forward
-    keep = rule.keep_inputs
 
     def forward(*inputs: Tensor) -> Tensor:
-        return route(switch, rule, original(*inputs), *inputs, keep_inputs=keep)
+        return route(switch, rule, original(*inputs), *inputs, name=name)
 
     return forward
 
@@ -95,7 +94,7 @@ def _plan(module: nn.Module, composite: Composite, switch: Switch, name: str = "
         return []  # the gates are constants for LRP; their own gradient still flows in gradient mode
     rule = composite.rule_for(module)
     if rule is not None:
-        return [(module, _routed_forward(module, rule, switch))]
+        return [(module, _routed_forward(module, rule, switch, name))]
     children = list(module.named_children())
     if not children:
         if isinstance(module, _GRADIENT_IS_RELEVANCE):
@@ -105,7 +104,7 @@ def _plan(module: nn.Module, composite: Composite, switch: Switch, name: str = "
             "explains the timm ResNet/ResNeXt/SK-ResNet(X)t family (see xrcam.models.SUPPORTED_MODELS)"
         )
     plan = []
-    forward = canonical_forward(module, switch)
+    forward = canonical_forward(module, switch, name)
     if forward is not None:
         plan.append((module, forward))
     for child_name, child in children:
@@ -114,13 +113,16 @@ def _plan(module: nn.Module, composite: Composite, switch: Switch, name: str = "
 
 
 @contextmanager
-def lrp_context(model: nn.Module, composite: Composite | str = "reference") -> Iterator[Switch]:
+def lrp_context(
+    model: nn.Module, composite: Composite | str = "reference", track_leaks: bool = False
+) -> Iterator[Switch]:
     """Rewrite ``model`` for LRP inside the block; restore every forward and flag on exit, even on error.
 
-    Forward values are unchanged. The yielded :class:`Switch` selects what backward passes carry.
-    In-place ReLUs are made out-of-place meanwhile (an in-place write would clobber routed outputs).
+    Forward values are unchanged. The yielded :class:`Switch` selects what backward passes carry
+    (and collects per-module relevance leaks when ``track_leaks``). In-place ReLUs are made
+    out-of-place meanwhile (an in-place write would clobber routed outputs).
     """
-    switch = Switch()
+    switch = Switch(track_leaks)
     plan = _plan(model, make_composite(composite), switch)
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU) and m.inplace]
     patched: list[tuple[nn.Module, object]] = []

@@ -41,21 +41,25 @@ Rule = Callable[..., tuple[Tensor, ...]]
 
 
 class Switch:
-    """Which signal the routed backward passes carry: gradients (default) or relevance."""
+    """Which signal the routed backward passes carry: gradients (default) or relevance.
 
-    def __init__(self) -> None:
+    With ``track_leaks=True`` every routed operation records, per sample, how much relevance it did
+    not pass on (``Σ R_out − Σ R_in``, keyed by module name): zero for the conserving rules except
+    where a denominator was exactly 0. A diagnostic for tests and docs; it costs two sums per op.
+    """
+
+    def __init__(self, track_leaks: bool = False) -> None:
         self.relevance = False
+        self.leaks: dict[str, Tensor] | None = {} if track_leaks else None
 
 
 class _Route(torch.autograd.Function):
     """Identity on ``output``; its backward gives the gradient to ``output`` or the relevance to ``inputs``."""
 
     @staticmethod
-    def forward(
-        ctx, switch: Switch, rule: Rule, keep_inputs: bool, output: Tensor, *inputs: Tensor
-    ) -> Tensor:
-        ctx.switch, ctx.rule, ctx.num_inputs = switch, rule, len(inputs)
-        ctx.save_for_backward(*(inputs if keep_inputs else ()))
+    def forward(ctx, switch: Switch, rule: Rule, name: str, output: Tensor, *inputs: Tensor) -> Tensor:
+        ctx.switch, ctx.rule, ctx.name, ctx.num_inputs = switch, rule, name, len(inputs)
+        ctx.save_for_backward(*(inputs if getattr(rule, "keep_inputs", True) else ()))
         return output.view_as(output)
 
     @staticmethod
@@ -63,12 +67,20 @@ class _Route(torch.autograd.Function):
         if not ctx.switch.relevance:
             return (None, None, None, grad) + (None,) * ctx.num_inputs
         relevance = ctx.rule(grad, *ctx.saved_tensors) if ctx.saved_tensors else ctx.rule(grad)
+        leaks = ctx.switch.leaks
+        if leaks is not None:
+            per_sample = lambda t: t.reshape(t.shape[0], -1).sum(1)  # noqa: E731
+            leak = per_sample(grad) - sum(per_sample(r) for r in relevance)
+            leaks[ctx.name] = leaks[ctx.name] + leak if ctx.name in leaks else leak
         return (None, None, None, None, *relevance)
 
 
-def route(switch: Switch, rule: Rule, output: Tensor, *inputs: Tensor, keep_inputs: bool = True) -> Tensor:
-    """Return ``output`` unchanged, wired so that relevance mode applies ``rule`` to ``inputs``."""
-    return _Route.apply(switch, rule, keep_inputs, output, *inputs)
+def route(switch: Switch, rule: Rule, output: Tensor, *inputs: Tensor, name: str = "") -> Tensor:
+    """Return ``output`` unchanged, wired so that relevance mode applies ``rule`` to ``inputs``.
+
+    The rule's ``keep_inputs`` attribute (default true) says whether it needs the inputs saved.
+    """
+    return _Route.apply(switch, rule, name, output, *inputs)
 
 
 def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:

@@ -1,0 +1,146 @@
+"""Model loading: supported backbones, safe checkpoints with clear refusals, sidecars, dropout variant."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import xrcam
+from xrcam.errors import XrcamCheckpointError, XrcamConfigError
+from xrcam.models import (
+    SUPPORTED_MODELS,
+    add_stage_dropout,
+    file_sha256,
+    model_normalisation,
+    read_checkpoint_sidecar,
+    save_checkpoint,
+)
+
+
+@pytest.mark.parametrize("name", SUPPORTED_MODELS)
+def test_supported_models_build_in_eval_mode_with_four_stages(name):
+    model = xrcam.load_model(name, num_classes=3)
+    assert not any(m.training for m in model.modules())
+    assert model.get_classifier().out_features == 3
+    out = model(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 3)
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        assert isinstance(model.get_submodule(stage), nn.Sequential)
+
+
+def test_unknown_model_and_bad_class_count_are_refused():
+    with pytest.raises(XrcamConfigError, match="not supported"):
+        xrcam.load_model("vit_base_patch16_224")
+    with pytest.raises(XrcamConfigError, match="at least 2"):
+        xrcam.load_model("resnet18", num_classes=1)
+
+
+def test_normalisation_comes_from_the_timm_config():
+    mean, std = model_normalisation(xrcam.load_model("resnet18"))
+    assert mean == pytest.approx((0.485, 0.456, 0.406))
+    assert std == pytest.approx((0.229, 0.224, 0.225))
+
+
+def test_checkpoint_round_trip_with_sidecar(tmp_path):
+    torch.manual_seed(1)
+    model = xrcam.load_model("resnet18", num_classes=2)
+    path = save_checkpoint(
+        model, tmp_path / "model.pt", {"model": "resnet18", "classes": ["a", "b"], "dropout": None}
+    )
+    assert read_checkpoint_sidecar(path)["classes"] == ["a", "b"]
+    assert json.loads((tmp_path / "model.pt.json").read_text())["model"] == "resnet18"
+    loaded = xrcam.load_model("resnet18", num_classes=2, checkpoint=path)
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+    assert loaded.xrcam_checkpoint["sha256"] == file_sha256(path)
+    assert loaded.xrcam_checkpoint["sidecar"]["model"] == "resnet18"
+    assert read_checkpoint_sidecar(tmp_path / "missing.pt") is None
+
+
+def test_dropout_variant_keeps_state_dict_keys_and_loads_plain_checkpoints(tmp_path):
+    plain = xrcam.load_model("resnet18", num_classes=2)
+    path = save_checkpoint(plain, tmp_path / "plain.pt")
+    variant = xrcam.load_model("resnet18", num_classes=2, checkpoint=path, dropout=0.1)
+    assert list(variant.state_dict()) == list(plain.state_dict())
+    drops = [m for m in variant.modules() if isinstance(m, nn.Dropout)]
+    assert len(drops) == 4 and all(d.p == 0.1 for d in drops)
+    assert all(isinstance(variant.get_submodule(f"layer{i}")[-1], nn.Dropout) for i in range(1, 5))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(variant(x), plain(x))  # eval: dropout is the identity
+    back = save_checkpoint(variant, tmp_path / "variant.pt")
+    xrcam.load_model("resnet18", num_classes=2, checkpoint=back)  # and back into a plain model
+    with pytest.raises(XrcamConfigError, match="between 0 and 1"):
+        add_stage_dropout(xrcam.load_model("resnet18"), 1.5)
+
+
+def test_nested_state_dict_and_module_prefix_are_accepted(tmp_path):
+    model = xrcam.load_model("resnet18", num_classes=2)
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "ddp.pth"
+    )
+    loaded = xrcam.load_model("resnet18", num_classes=2, checkpoint=tmp_path / "ddp.pth")
+    assert torch.equal(loaded.fc.weight, model.fc.weight)
+
+
+def test_class_count_mismatch_says_which(tmp_path):
+    path = save_checkpoint(xrcam.load_model("resnet18", num_classes=3), tmp_path / "three.pt")
+    with pytest.raises(XrcamCheckpointError, match="checkpoint has 3 classes, model asks for 2"):
+        xrcam.load_model("resnet18", num_classes=2, checkpoint=path)
+    # fine-tuning start: keep the model's own classifier
+    model = xrcam.load_model("resnet18", num_classes=2, checkpoint=path, ignore_classifier=True)
+    assert model.fc.out_features == 2
+
+
+def test_sidecar_contradicting_the_request_is_refused(tmp_path):
+    model = xrcam.load_model("resnet18", num_classes=2)
+    path = save_checkpoint(model, tmp_path / "m.pt", {"model": "resnet34", "classes": ["a", "b"]})
+    with pytest.raises(XrcamCheckpointError, match="trained as 'resnet34'"):
+        xrcam.load_model("resnet18", num_classes=2, checkpoint=path)
+    path = save_checkpoint(model, tmp_path / "n.pt", {"model": "resnet18", "classes": ["a", "b", "c"]})
+    with pytest.raises(XrcamCheckpointError, match="has 3 classes"):
+        xrcam.load_model("resnet18", num_classes=2, checkpoint=path)
+
+
+def test_architecture_mismatch_is_named(tmp_path):
+    path = save_checkpoint(xrcam.load_model("resnet34", num_classes=2), tmp_path / "r34.pt")
+    with pytest.raises(XrcamCheckpointError, match="looks like a different architecture"):
+        xrcam.load_model("resnet18", num_classes=2, checkpoint=path)
+    path = save_checkpoint(xrcam.load_model("skresnet18", num_classes=2), tmp_path / "sk.pt")
+    with pytest.raises(XrcamCheckpointError, match="different architecture.*unexpected"):
+        xrcam.load_model("resnet18", num_classes=2, checkpoint=path)
+
+
+class _Payload:
+    """Unpickling this would run a shell command: the loader must never get that far."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_code_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"fc.weight": torch.zeros(2, 512), "payload": _Payload(marker)}, path)
+    with pytest.raises(XrcamCheckpointError, match="pickled Python objects"):
+        xrcam.load_model("resnet18", num_classes=2, checkpoint=path)
+    assert not marker.exists()
+
+
+def test_unreadable_and_missing_checkpoints(tmp_path):
+    with pytest.raises(XrcamCheckpointError, match="not found"):
+        xrcam.load_model("resnet18", checkpoint=tmp_path / "nope.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(XrcamCheckpointError, match="junk.pt"):
+        xrcam.load_model("resnet18", checkpoint=junk)
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(XrcamCheckpointError, match="expected a state_dict"):
+        xrcam.load_model("resnet18", checkpoint=tmp_path / "list.pt")
