@@ -10,7 +10,8 @@ Usage (as root)::
     with local_slurm() as env:          # env: os.environ plus SLURM_CONF
         subprocess.run(["sbatch", ...], env=env)
 
-``python tests/slurm_local.py`` starts one and keeps it up until Ctrl-C, for trying ``xrcam submit slurm``.
+``python tests/slurm_local.py`` starts one and keeps it up until Ctrl-C or ``kill``, for trying
+``xrcam submit slurm``.
 """
 
 from __future__ import annotations
@@ -170,6 +171,11 @@ def _wait(ready, timeout_s: float, what: str, root: Path) -> None:
 
 
 if __name__ == "__main__":
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill PID` stops it as cleanly as Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
     with local_slurm() as slurm_env:
         print(
             f"export SLURM_CONF={slurm_env['SLURM_CONF']}   # then sbatch/squeue/xrcam submit slurm; Ctrl-C stops"

@@ -2,7 +2,8 @@
 
 Needs root (it installs and starts the SLURM daemons; CI runs as root). One job covers the whole
 path: the rendered script, a private Ray started by the job, `xrcam run` + `xrcam reduce` through it,
-and the teardown that leaves none of that job's processes behind.
+the time-limit warning that stops and requeues it, the resumed second start, and the teardown that
+leaves none of that job's processes behind.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +62,25 @@ def _own_processes(tag: str) -> list[int]:
     return pids
 
 
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(2)
+
+
+def _job_fields(job_id: str, env: dict[str, str]) -> dict[str, str]:
+    shown = subprocess.run(
+        ["scontrol", "show", "job", "--oneliner", job_id], env=env, capture_output=True, text=True
+    ).stdout
+    return dict(field.split("=", 1) for field in shown.split() if "=" in field)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="starts SLURM daemons: needs root (CI runs as root)")
-def test_slurm_job_equals_local_run_and_cleans_up(case):
+def test_slurm_job_requeues_resumes_equals_local_run_and_cleans_up(case):
+    """One job with --requeue: warned of its time limit mid-run (the USR1 SLURM sends with --signal),
+    it stops its run and its own Ray and requeues itself; the second start finishes the work."""
     from slurm_local import local_slurm, wait_for_job
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -74,7 +93,7 @@ def test_slurm_job_equals_local_run_and_cleans_up(case):
     with local_slurm() as slurm_env:
         submitted = subprocess.run(
             [XRCAM, "submit", "slurm", str(case["archive"]), "--out", str(remote), "--cpus-per-task", "2"]
-            + ["--job-name", "xr test", "--", *case["run_args"]],
+            + ["--requeue", "--job-name", "xr test", "--", *case["run_args"]],
             env={**slurm_env, "OMP_NUM_THREADS": "1"},
             capture_output=True,
             text=True,
@@ -83,14 +102,26 @@ def test_slurm_job_equals_local_run_and_cleans_up(case):
         job_id = submitted.stdout.split("Submitted SLURM job ")[1].split()[0]
         log = remote / "slurm" / f"xr test-{job_id}.out"
         assert str(log) in submitted.stdout
+        tag = f"xrcam-ray-{job_id}"
+
+        # first start: once `xrcam run` has joined the job's Ray, send the time-limit warning
+        _wait_for(
+            lambda: "Connected to Ray cluster" in (log.read_text() if log.exists() else ""), 300, "no run"
+        )
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm_env, check=True)
+        _wait_for(lambda: _job_fields(job_id, slurm_env).get("Restarts") == "1", 120, "job did not requeue")
+        _wait_for(lambda: not _own_processes(tag), 60, "the first start left Ray processes behind")
+        assert not Path(f"/tmp/{tag}").exists()
+        # a requeued job waits ~2 minutes before it is eligible again; an admin may let it go at once
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_env, check=True)
 
         job = wait_for_job(job_id, slurm_env, timeout_s=900)
         output = log.read_text() if log.exists() else "(no log)"
         assert job.get("JobState") == "COMPLETED" and job.get("ExitCode") == "0:0", output
+        assert f"requeueing job {job_id}" in output and output.count("Ray at 127.0.0.1:") == 2, output
 
         status = subprocess.run([XRCAM, "status", job_id], env=slurm_env, capture_output=True, text=True)
         assert status.returncode == 0 and "COMPLETED" in status.stdout, status.stdout + status.stderr
-        assert "Ray at 127.0.0.1:" in output
 
     ours, theirs = _arrays(remote), _arrays(local)
     assert ours.keys() >= theirs.keys() and theirs
@@ -99,5 +130,5 @@ def test_slurm_job_equals_local_run_and_cleans_up(case):
     assert any(name.split("/")[1].startswith("agg_") for name in ours)  # `xrcam reduce` ran in the job too
     assert (remote / "summary").is_dir()
     # the job stopped its own Ray: no process carries its tag, its temp dir is gone
-    assert _own_processes(f"xrcam-ray-{job_id}") == []
-    assert not Path(f"/tmp/xrcam-ray-{job_id}").exists()
+    assert _own_processes(tag) == []
+    assert not Path(f"/tmp/{tag}").exists()

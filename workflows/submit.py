@@ -212,7 +212,7 @@ def slurm_status(job_id: str, log_lines: int = 20) -> str:
         status, elapsed, limit, nodes, reason = queue.splitlines()[0].split("|")
         state = f"{status} for {elapsed} of {limit} on {nodes} node(s) ({reason})"
     shown = _capture(["scontrol", "show", "job", "--oneliner", job_id])
-    fields = dict(re.findall(r"(\w+)=(\S+)", shown)) if shown else {}
+    fields = dict(re.findall(r"(\w+)=(.*?)(?= [\w:/]+=|$)", shown)) if shown else {}  # values may hold spaces
     if not state:
         acct = _capture(
             ["sacct", "--noheader", "--parsable2", "--jobs", job_id, "--format", "State,Elapsed,ExitCode"]
