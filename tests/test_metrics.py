@@ -353,3 +353,42 @@ def test_cascading_randomization_lowers_similarity_on_a_trained_model():
         assert by_step[0] < 0.95, (value, by_step)  # randomising layer4 alone already changes the maps
         assert np.all(np.diff(by_step) < 0.05), (value, by_step)  # never recovers as more stages go
         assert by_step[-1] < by_step[0] - 0.2, (value, by_step)
+
+
+# ------------------------------------------------------------------------------------------ CUDA
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_postprocess_and_metrics_on_cuda_match_cpu():
+    import copy
+
+    import xrcam
+    from xrcam.metrics import axiom_metrics
+    from xrcam.postprocess import THRESHOLD_RULES, aggregate, iou, make_masks, normalize
+
+    g = torch.Generator().manual_seed(0)
+    raw = {layer: torch.randn(3, 4 * 2**i, 4 * 2**i, generator=g) for i, layer in enumerate(ALL_STAGES)}
+    gt = torch.rand(3, 64, 64, generator=g) > 0.7
+    for device in ("cpu", "cuda"):
+        norm = {layer: normalize(m.to(device), 64, method="gradcam") for layer, m in raw.items()}
+        agg = aggregate(norm, "4+3+2+1")
+        masks = {rule: make_masks(agg, rule) for rule in THRESHOLD_RULES}
+        scores = {rule: iou(m, gt.to(device)).cpu() for rule, m in masks.items()}
+        if device == "cpu":
+            ref_agg, ref_scores = agg, scores
+    torch.testing.assert_close(agg.cpu(), ref_agg, atol=1e-5, rtol=1e-5)
+    for rule in THRESHOLD_RULES:
+        torch.testing.assert_close(
+            scores[rule], ref_scores[rule], atol=2e-2, rtol=0
+        )  # a boundary pixel may flip
+    a, b = ref_agg, torch.rand(3, 64, 64, generator=g)
+    torch.testing.assert_close(spearman(a.cuda(), b.cuda()).cpu(), spearman(a, b), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ssim(a.cuda(), b.cuda()).cpu(), ssim(a, b), atol=1e-5, rtol=0)
+
+    torch.manual_seed(0)
+    model = xrcam.load_model("resnet18", num_classes=2).cuda()
+    images = torch.randn(2, 3, 64, 64, generator=g).cuda()
+    result = axiom_metrics(model, images, methods=["xrelevancecam"], layers=ALL_STAGES, chunk_size=128)
+    assert all(result["xrelevancecam"][layer].conservation.max() < 1e-3 for layer in ALL_STAGES)
+    state = torch.cuda.get_rng_state()
+    randomize_stage_(copy.deepcopy(model), "layer4", seed=3)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
