@@ -9,7 +9,6 @@ a file system every node sees.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,8 @@ import ray
 import ray.train
 import ray.train.torch
 
-from xrcam.training import TrainConfig, TrainData, TrainResult, fit
+from xrcam.errors import XrcamError
+from xrcam.training import TrainConfig, TrainData, TrainResult, fit, read_result
 
 __all__ = ["init_ray", "train_distributed"]
 
@@ -41,7 +41,7 @@ def train_distributed(
     use_gpu: bool | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train on ``workers`` Ray Train workers (``init_ray`` first); returns rank 0's result.
+    """Train on ``workers`` Ray Train workers (``init_ray`` first); returns the run's summary.
 
     ``use_gpu=None`` uses GPUs when the cluster has one per worker. ``config.batch_size`` stays the
     global batch: each worker takes ``batch_size / workers`` samples per step.
@@ -60,22 +60,26 @@ def train_distributed(
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(name="train", storage_path=str(out / "ray")),
     )
-    metrics = trainer.fit().metrics
-    fields = {f.name for f in dataclasses.fields(TrainResult)}
-    summary = {k: v for k, v in metrics.items() if k in fields}
-    summary.update(out_dir=out, checkpoint=Path(summary["checkpoint"]))
-    return TrainResult(**summary)
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as exc:  # surface our own errors (e.g. a refused resume) as they are
+        for failure in (getattr(exc, "worker_failures", None) or {}).values():
+            cause = getattr(failure, "cause", failure)
+            if isinstance(cause, XrcamError):
+                raise cause from exc
+        raise
+    return read_result(out)
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: fetch the shared tensors, train, report each epoch and the result."""
+    """Runs on every Ray Train worker: fetch the shared tensors, train, report each epoch's metrics."""
     data = loop_config["data"]
     if isinstance(data, ray.ObjectRef):
         data = ray.get(data)
     settings = dict(loop_config["config"])
     settings["fractions"] = tuple(settings["fractions"])
     config = TrainConfig(**settings)
-    result = fit(
+    fit(
         data,
         loop_config["out_dir"],
         config,
@@ -83,6 +87,3 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         progress=loop_config["progress"],
         on_epoch=lambda row: ray.train.report({k: float(v) for k, v in row.items()}),
     )
-    summary = dataclasses.asdict(result)
-    summary.update(out_dir=str(result.out_dir), checkpoint=str(result.checkpoint))
-    ray.train.report(summary)

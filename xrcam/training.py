@@ -52,6 +52,7 @@ __all__ = [
     "prepare_data",
     "fit",
     "train",
+    "read_result",
 ]
 
 log = logging.getLogger(__name__)
@@ -391,17 +392,22 @@ def fit(
     if ranks.main:
         save_checkpoint(best, out / MODEL_FILE, _sidecar(data, config, state, test=test))
     ranks.barrier()
+    return read_result(out)
+
+
+def read_result(out_dir: str | Path) -> TrainResult:
+    """The summary of the run in ``out_dir``, from ``model.pt``'s sidecar (any process can read it)."""
+    from xrcam.models import read_checkpoint_sidecar
+
+    checkpoint = Path(out_dir) / MODEL_FILE
+    sidecar = read_checkpoint_sidecar(checkpoint)
+    if sidecar is None or "metrics" not in sidecar:
+        raise XrcamConfigError(f"{checkpoint}: no training sidecar beside it; train into this folder first")
+    metrics = sidecar["metrics"]
     return TrainResult(
-        out_dir=out,
-        checkpoint=out / MODEL_FILE,
-        epochs_run=state["epoch"],
-        best_epoch=state["best_epoch"],
-        stopped_early=state["bad_epochs"] >= config.patience,
-        val_accuracy=state["best_val_accuracy"],
-        val_loss=state["best_val_loss"],
-        test_accuracy=test_acc,
-        test_loss=test_loss,
-        test_frames=test_n,
+        out_dir=Path(out_dir),
+        checkpoint=checkpoint,
+        **{f.name: metrics[f.name] for f in dataclasses.fields(TrainResult) if f.name in metrics},
     )
 
 
@@ -501,7 +507,9 @@ def _recalibrate_batchnorm(
         m.momentum = None  # cumulative average over the batches of this pass
         m.train()
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch + 7)
-    index = torch.randperm(len(frames), generator=generator)[:BN_FRAMES]
+    index = (
+        torch.randperm(len(frames), generator=generator)[:BN_FRAMES].sort().values
+    )  # all, in order, if few
     for start in range(0, len(index), batch_size):
         model(frames.images[index[start : start + batch_size]].to(device, torch.float32))
     for m, momentum in zip(norms, momenta, strict=True):
@@ -557,6 +565,7 @@ def _sidecar(
         "metrics": {
             "best_epoch": state["best_epoch"],
             "epochs_run": state["epoch"],
+            "stopped_early": state["bad_epochs"] >= config.patience,
             "val_accuracy": state["best_val_accuracy"],
             "val_loss": state["best_val_loss"],
             "test_accuracy": None if test is None else test["accuracy"],

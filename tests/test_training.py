@@ -1,0 +1,195 @@
+"""Training: patient-level split, early stopping, exact resume, checkpoints usable as trained, Ray Train path."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xrcam.synth import SynthConfig, write_archive
+from xrcam.training import SPLITS, TrainConfig, augment, fit, prepare_data
+
+# tiny: 3 patients per class -> 4/1/1 patients, 4 kept frames per video, 32-px crops
+TINY = dict(model="resnet18", image_size=32, batch_size=8, epochs=1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("archive")
+    write_archive(
+        root, SynthConfig(patients=3, videos=1, frames=8, size=(64, 64), bit_depth=16, seed=0), "mkt"
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(archive):
+    return prepare_data(archive, TrainConfig(**TINY))
+
+
+def _metrics(out: Path) -> list[dict[str, str]]:
+    with (out / "metrics.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_split_puts_every_patient_in_exactly_one_set(archive, data, tmp_path):
+    for seed in range(4):
+        rows = prepare_data(archive, TrainConfig(**{**TINY, "seed": seed})).split_rows
+        split_of: dict[str, set[str]] = {}
+        for row in rows:
+            split_of.setdefault(row["patient"], set()).add(row["split"])
+        assert all(len(splits) == 1 for splits in split_of.values()), split_of
+        assert {next(iter(s)) for s in split_of.values()} == set(SPLITS)
+    # the frames of each split are exactly the frames of its videos
+    for split in SPLITS:
+        expected = sum(int(r["frames"]) for r in data.split_rows if r["split"] == split)
+        assert len(data.frames[split]) == expected > 0
+
+    fit(data, tmp_path, TrainConfig(**TINY), progress=False)
+    with (tmp_path / "split.csv").open(newline="") as handle:
+        written = list(csv.DictReader(handle))
+    assert {(r["video_id"], r["patient"], r["split"]) for r in written} == {
+        (r["video_id"], r["patient"], r["split"]) for r in data.split_rows
+    }
+    sidecar = json.loads((tmp_path / "model.pt.json").read_text())
+    by_split = sidecar["split"]["videos"]
+    assert sorted(v for s in SPLITS for v in by_split[s]) == sorted(r["video_id"] for r in data.split_rows)
+    # the .mkt metadata's patient_id never reaches the outputs
+    text = "".join(p.read_text() for p in tmp_path.iterdir() if p.suffix in (".csv", ".json"))
+    assert "PID-" not in text and "patient_id" not in text
+
+
+def test_early_stopping_stops_when_validation_cannot_improve(data, tmp_path):
+    # lr=0: the weights never change, so validation is identical every epoch after the first
+    result = fit(
+        data, tmp_path, TrainConfig(**{**TINY, "epochs": 10, "lr": 0.0, "patience": 2}), progress=False
+    )
+    rows = _metrics(tmp_path)
+    assert result.stopped_early
+    assert result.epochs_run == 3 and result.best_epoch == 1
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [r["best"] for r in rows] == ["True", "False", "False"]
+    assert len({r["val_loss"] for r in rows}) == 1
+
+
+def test_resume_continues_the_epoch_counter_and_matches_an_uninterrupted_run(data, tmp_path):
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    fit(data, resumed, TrainConfig(**TINY), progress=False)
+    assert [r["epoch"] for r in _metrics(resumed)] == ["1"]
+    result = fit(data, resumed, TrainConfig(**{**TINY, "epochs": 2}), progress=False)
+    assert result.epochs_run == 2
+    fit(data, straight, TrainConfig(**{**TINY, "epochs": 2}), progress=False)
+
+    rows_resumed, rows_straight = _metrics(resumed), _metrics(straight)
+    assert [r["epoch"] for r in rows_resumed] == ["1", "2"]
+    drop_time = [{k: v for k, v in r.items() if k != "seconds"} for r in rows_resumed + rows_straight]
+    assert drop_time[:2] == drop_time[2:]
+    a = torch.load(resumed / "last.pt", weights_only=True)
+    b = torch.load(straight / "last.pt", weights_only=True)
+    assert a["state"]["epoch"] == b["state"]["epoch"] == 2
+    for key, tensor in a["model"].items():
+        torch.testing.assert_close(tensor, b["model"][key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_resume_refuses_changed_model_settings(data, tmp_path):
+    from xrcam.errors import XrcamConfigError
+
+    fit(data, tmp_path, TrainConfig(**TINY), progress=False)
+    with pytest.raises(XrcamConfigError, match="seed"):
+        fit(data, tmp_path, TrainConfig(**{**TINY, "epochs": 2, "seed": 1}), progress=False)
+
+
+def test_checkpoint_loads_with_load_model_and_reproduces_training_logits(archive, data, tmp_path):
+    import xrcam
+    from xrcam.io.readers import open_video
+    from xrcam.models import read_checkpoint_sidecar
+    from xrcam.preprocess import PreprocessConfig, Preprocessor
+
+    result = fit(data, tmp_path, TrainConfig(**TINY), progress=False)
+    sidecar = read_checkpoint_sidecar(result.checkpoint)
+    model = xrcam.load_model(
+        sidecar["model"], num_classes=len(sidecar["classes"]), checkpoint=result.checkpoint
+    )
+    assert sidecar["classes"] == data.classes and sidecar["metrics"]["best_epoch"] == 1
+
+    # the weights training ended with (last.pt, epoch 1 = best) give the same logits
+    trained = xrcam.load_model("resnet18", num_classes=2)
+    trained.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=True)["model"])
+    test = data.frames["test"]
+    with torch.no_grad():
+        logits = model(test.images.float())
+        torch.testing.assert_close(logits, trained.eval()(test.images.float()))
+        loss = torch.nn.functional.cross_entropy(logits, test.labels).item()
+    assert loss == pytest.approx(sidecar["metrics"]["test_loss"], rel=1e-5)
+    accuracy = (logits.argmax(1) == test.labels).float().mean().item()
+    assert accuracy == pytest.approx(sidecar["metrics"]["test_accuracy"])
+
+    # the sidecar's preprocessing alone reproduces the training frames (what `xrcam run` relies on)
+    first_test = next(r for r in data.split_rows if r["split"] == "test")
+    config = PreprocessConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in sidecar["preprocessing"].items()}
+    )
+    with open_video(archive / first_test["video_id"]) as reader:
+        pre = Preprocessor.for_video(reader, config)
+        frames = [frame for _, frame in reader.read(step=config.frame_step)]
+    images = pre(np.stack(frames))
+    torch.testing.assert_close(images.half(), test.images[: len(frames)], rtol=0, atol=1e-3)
+
+
+def test_augment_flips_rotates_and_keeps_channel_means_under_contrast():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 24, 24)
+    flipped = augment(x, generator, rotation_degrees=0, contrast=0)
+    for a, b in zip(flipped, x, strict=True):
+        assert any(torch.equal(a, v) for v in (b, b.flip(-1), b.flip(-2), b.flip(-1).flip(-2)))
+    assert not torch.equal(flipped, x)  # 16 samples: some flip is drawn
+    contrasted = augment(x, generator, rotation_degrees=0, contrast=0.5)
+    torch.testing.assert_close(
+        contrasted.mean((-2, -1)).abs().sort().values, x.mean((-2, -1)).abs().sort().values
+    )
+    rotated = augment(x, torch.Generator().manual_seed(1), rotation_degrees=180, contrast=0)
+    assert rotated.shape == x.shape and torch.isfinite(rotated).all()
+
+
+def test_cli_trains_and_prints_test_accuracy(archive, tmp_path):
+    from click.testing import CliRunner
+
+    from workflows.cli import main
+
+    args = ["train", str(archive), "--out", str(tmp_path), "--model", "resnet18", "--image-size", "32"]
+    result = CliRunner().invoke(main, [*args, "--epochs", "1", "--batch-size", "8", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output
+    assert (tmp_path / "model.pt").exists() and (tmp_path / "last.pt").exists()
+    again = CliRunner().invoke(
+        main, [*args, "--epochs", "1", "--batch-size", "8", "--no-progress", "--seed", "3"]
+    )
+    assert again.exit_code != 0 and "seed" in again.output  # resuming with another split is refused
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_train_two_cpu_workers(data, tmp_path):
+    import ray
+
+    from workflows.train_ray import init_ray, train_distributed
+
+    init_ray(None)
+    try:
+        result = train_distributed(
+            data, tmp_path, TrainConfig(**TINY), workers=2, use_gpu=False, progress=False
+        )
+    finally:
+        ray.shutdown()
+    assert result.epochs_run == 1 and result.best_epoch == 1
+    assert result.test_frames == len(data.frames["test"])
+    assert [r["epoch"] for r in _metrics(tmp_path)] == ["1"]
+    sidecar = json.loads((tmp_path / "model.pt.json").read_text())
+    assert sidecar["metrics"]["test_accuracy"] == pytest.approx(result.test_accuracy)
+    import xrcam
+
+    xrcam.load_model("resnet18", num_classes=2, checkpoint=tmp_path / "model.pt")
