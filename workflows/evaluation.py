@@ -430,7 +430,14 @@ def _sanity(model, samples, methods, layers, run, options, device, echo):
     for group in _groups(samples):
         images = torch.stack([s[2] for s in group]).to(device)
         records = cascading_randomization(
-            model, images, methods=methods, layers=layers, seed=options.seed, rules=run.rules, clrp=run.clrp
+            model,
+            images,
+            methods=methods,
+            layers=layers,
+            seed=options.seed,
+            relu=options.relu,
+            rules=run.rules,
+            clrp=run.clrp,
         )
         parts.append(pd.DataFrame.from_records(records))
     df = pd.concat(parts, ignore_index=True)

@@ -358,14 +358,15 @@ def cascading_randomization(
     size: int | None = None,
     target: torch.Tensor | int | None = None,
     seed: int = 0,
+    relu: bool | None = None,
     **explainer_options,
 ) -> list[dict]:
     """Cascading randomisation from the top stage down (Adebayo et al. 2018, paper §4.7).
 
     Explains ``images`` with the trained model, then on a deep copy re-initialises ``stages`` one
     after the other (layer4, then layer3, ...) and explains again after each step with the original
-    target. Each method/layer map is normalised (:func:`xrcam.postprocess.normalize`, family default
-    ReLU, upsampled to ``size``) and compared with the original. Returns one record per
+    target. Each method/layer map is normalised (:func:`xrcam.postprocess.normalize` with ``relu``,
+    None = family default; upsampled to ``size``) and compared with the original. Returns one record per
     (step, method, layer): ``step`` (1 = top stage randomised), ``randomized`` (e.g. ``"4+3"``),
     ``method``, ``layer``, mean ``spearman`` and ``ssim`` over the ``frames``, and ``spearman_frames``:
     the frames where the rank correlation is defined (a constant map has none; NaN when there are
@@ -380,7 +381,9 @@ def cascading_randomization(
             images, target=tgt
         )
         return exp.target, {
-            (m, layer): normalize(exp.maps[m][layer], size, method=m) for m in methods for layer in layers
+            (m, layer): normalize(exp.maps[m][layer], size, method=m, relu=relu)
+            for m in methods
+            for layer in layers
         }
 
     with _eval_mode(model):
