@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xrcam.errors import XrcamConfigError
+from xrcam.explain import create_explainer
 from xrcam.postprocess import RELEVANCE_METHODS, normalize
 
 __all__ = [
@@ -246,8 +247,7 @@ def axiom_metrics(
     explained target. ``heads`` overrides :func:`stage_head` per layer (for non-timm models).
     The model runs in eval mode (dropout off); its flags are restored afterwards.
     """
-    from xrcam.explain import create_explainer
-
+    images = images.to(next(model.parameters()).device)
     with _eval_mode(model):
         explainer = create_explainer(
             model, methods=list(methods), layers=tuple(layers), rules=rules, clrp="logit", contributions=True
@@ -372,8 +372,6 @@ def cascading_randomization(
     the frames where the rank correlation is defined (a constant map has none; NaN when there are
     none). The given model is not modified.
     """
-    from xrcam.explain import create_explainer
-
     size = size or images.shape[-1]
 
     def maps_of(net: nn.Module, tgt):
