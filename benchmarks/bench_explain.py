@@ -78,17 +78,8 @@ def main() -> None:
         _peak(args.peak, args.peak_batch, args.device)
         return
 
-    torch.manual_seed(0)
-    model = xrcam.load_model(MODEL, num_classes=2, device=args.device)
-    x = torch.randn(args.batch, 3, SIZE, SIZE, device=args.device)
-    print(
-        f"{MODEL}, batch {args.batch}, {SIZE}x{SIZE}, device {args.device}, torch threads {torch.get_num_threads()}"
-    )
-    seconds = {kind: _time(_runner(kind, model), x, args.repeats) for kind in ("plain", "xrelcam", "all7")}
-    for kind, s in seconds.items():
-        print(
-            f"{kind:8s} {args.batch / s:7.2f} frames/s  {s:7.3f} s/batch  ratio to plain {s / seconds['plain']:.2f}x"
-        )
+    # Peaks first, while this process is still small: Linux carries a parent's peak RSS into its children.
+    peaks = {}
     for kind in ("plain", "xrelcam", "all7"):
         cmd = [
             sys.executable,
@@ -100,7 +91,22 @@ def main() -> None:
             "--device",
             args.device,
         ]
-        peak = float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+        peaks[kind] = float(
+            subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1]
+        )
+
+    torch.manual_seed(0)
+    model = xrcam.load_model(MODEL, num_classes=2, device=args.device)
+    x = torch.randn(args.batch, 3, SIZE, SIZE, device=args.device)
+    print(
+        f"{MODEL}, batch {args.batch}, {SIZE}x{SIZE}, device {args.device}, torch threads {torch.get_num_threads()}"
+    )
+    seconds = {kind: _time(_runner(kind, model), x, args.repeats) for kind in ("plain", "xrelcam", "all7")}
+    for kind, s in seconds.items():
+        print(
+            f"{kind:8s} {args.batch / s:7.2f} frames/s  {s:7.3f} s/batch  ratio to plain {s / seconds['plain']:.2f}x"
+        )
+    for kind, peak in peaks.items():
         print(f"peak memory at batch {args.peak_batch}, {kind:8s} {peak:8.0f} MiB")
 
 

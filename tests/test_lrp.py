@@ -237,3 +237,12 @@ def test_other_presets_run_and_differ_from_reference(preset):
     for layer in ref.relevance:
         assert torch.isfinite(other.relevance[layer]).all()
         assert not torch.allclose(other.relevance[layer], ref.relevance[layer])
+
+
+def test_conservation_holds_with_monte_carlo_dropout_active():
+    model = random_model("skresnet18", 2, dropout=0.2)
+    torch.manual_seed(3)
+    exp = xrcam.create_explainer(model, methods="xrelevancecam", contributions=True, mc_samples=1)(images())
+    for layer in ("layer1", "layer2", "layer3", "layer4"):
+        total = exp.contributions["xrelevancecam"][layer].sum(1)
+        torch.testing.assert_close(total, torch.full_like(total, 0.5), rtol=1e-4, atol=0)
