@@ -233,3 +233,15 @@ def test_submit_module_does_not_import_ray():
     code = "import sys, workflows.submit; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_without_slurm_commands_submit_and_status_say_where_to_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch, squeue, ... here
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    submitted = CliRunner().invoke(main, ["submit", "slurm", str(archive), "--out", str(tmp_path / "out")])
+    assert submitted.exit_code == 1
+    assert "sbatch is not on PATH" in submitted.output
+    assert (tmp_path / "out" / "slurm" / "xrcam.sbatch").is_file()  # kept, to sbatch by hand
+    status = CliRunner().invoke(main, ["status", "123"])
+    assert status.exit_code == 1 and "squeue is not on PATH" in status.output

@@ -206,28 +206,32 @@ def _tail(text: str, lines: int) -> str:
 def slurm_status(job_id: str, log_lines: int = 20) -> str:
     """A report on a SLURM job: its state from squeue (or sacct/scontrol once it left the queue)
     and the end of its output file."""
-    state, log = "", None
-    queue = _capture(["squeue", "--noheader", "--jobs", job_id, "--format", "%T|%M|%l|%D|%R"])
+    state = ""
+    code, queue, error = _slurm(["squeue", "--noheader", "--jobs", job_id, "--format", "%T|%M|%l|%D|%R"])
+    if code != 0 and "invalid job id" not in error.lower():
+        raise SubmitError(f"squeue failed: {error or 'no message'}; is this a SLURM login node?")
     if queue:
         status, elapsed, limit, nodes, reason = queue.splitlines()[0].split("|")
         state = f"{status} for {elapsed} of {limit} on {nodes} node(s) ({reason})"
-    shown = _capture(["scontrol", "show", "job", "--oneliner", job_id])
-    fields = dict(re.findall(r"(\w+)=(.*?)(?= [\w:/]+=|$)", shown)) if shown else {}  # values may hold spaces
+    code, shown, _ = _slurm(["scontrol", "show", "job", "--oneliner", job_id])
+    # values may hold spaces (paths), so a value runs up to the next " Key="
+    fields = dict(re.findall(r"(\w+)=(.*?)(?= [\w:/]+=|$)", shown)) if code == 0 else {}
     if not state:
-        acct = _capture(
+        code, acct, _ = _slurm(
             ["sacct", "--noheader", "--parsable2", "--jobs", job_id, "--format", "State,Elapsed,ExitCode"]
         )
-        if acct and "|" in acct:
-            status, elapsed, code = acct.splitlines()[0].split("|")[:3]
-            state = f"{status} after {elapsed} (exit code {code})"
+        if code == 0 and "|" in acct:  # accounting is often off: then scontrol, while SLURM remembers the job
+            status, elapsed, exit_code = acct.splitlines()[0].split("|")[:3]
+            state = f"{status} after {elapsed} (exit code {exit_code})"
         elif fields:
-            state = f"{fields.get('JobState', '?')} after {fields.get('RunTime', '?')} (exit code {fields.get('ExitCode', '?')})"
+            state = (
+                f"{fields.get('JobState')} after {fields.get('RunTime')} (exit code {fields.get('ExitCode')})"
+            )
     if not state:
-        raise SubmitError(f"SLURM knows no job {job_id}; old jobs are forgotten unless accounting is on")
+        raise SubmitError(f"SLURM knows no job {job_id}; finished jobs are forgotten unless accounting is on")
+    report = [f"job {job_id}: {state}"]
     if fields.get("StdOut"):
         log = Path(fields["StdOut"])
-    report = [f"job {job_id}: {state}"]
-    if log is not None:
         report.append(f"log: {log}")
         if log.is_file():
             report.append(_tail(log.read_text(errors="replace"), log_lines))
@@ -250,10 +254,14 @@ def ray_status(job_id: str, address: str, log_lines: int = 20) -> str:
     return "\n".join(report)
 
 
-def _capture(argv: list[str]) -> str:
-    """stdout of a SLURM query, or '' when the tool is missing or refuses (e.g. accounting is off)."""
+def _slurm(argv: list[str]) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of a SLURM command."""
     try:
         done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
+    except FileNotFoundError:
+        raise SubmitError(
+            f"{argv[0]} is not on PATH: run this where SLURM's commands are (a login node)"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise SubmitError(f"{argv[0]} did not answer within 60 s; is slurmctld up?") from None
+    return done.returncode, done.stdout.strip(), done.stderr.strip()
