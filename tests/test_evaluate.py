@@ -35,6 +35,7 @@ def test_evaluate_writes_consistent_tables(archive, tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "Table 1" in result.output and "Table 4" in result.output and "Sanity check" in result.output
+    assert "misclassified" in result.output and "empty ground truth" in result.output
     for name in (
         "table1_layer_miou",
         "table2_layerset_miou",

@@ -218,6 +218,13 @@ def _print(tables: dict) -> None:
         "table3_dropout_miou": "mIoU (%) with dropout on (Monte-Carlo) and off (Table 3)",
         "table4_axioms": "Axiom metrics, lower is better (Table 4)",
     }
+    if "miou" in tables:
+        for dropout, rows in tables["miou"].groupby("dropout", sort=False):
+            first = rows.iloc[0]  # the counts depend on the predictions only, not on method or layer set
+            click.echo(
+                f"mIoU (dropout {dropout}) averages {first['frames']} annotated frames; left out: "
+                f"{first['misclassified']} misclassified, {first['empty_gt']} with an empty ground truth"
+            )
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 3):
         for name, title in titles.items():
             if name in tables:
