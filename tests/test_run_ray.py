@@ -233,3 +233,15 @@ def test_killed_worker_is_replaced_and_the_store_equals_an_uninterrupted_run(set
         assert sorted(a.array_keys()) == sorted(b.array_keys())
         for name in a.array_keys():
             np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=f"{key}/{name}")
+
+
+def test_workers_that_cannot_start_give_one_clear_error(setup):
+    broken = setup["root"] / "broken" / "model.pt"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a checkpoint")
+    shutil.copy(f"{setup['checkpoint']}.json", f"{broken}.json")
+    args = ["run", str(setup["archive"]), "--out", str(setup["root"] / "never"), "--checkpoint", str(broken)]
+    result = CliRunner().invoke(main, args + OPTIONS)
+    assert result.exit_code == 1
+    assert "the workers could not start" in result.output and "model.pt" in result.output
+    assert "Traceback" not in result.output

@@ -22,6 +22,7 @@ from typing import Any
 from workflows.settings import RunSettings
 from workflows.store import ResultStore, VideoLayout, video_key
 from workflows.worker import Shard, ShardWorker
+from xrcam.errors import XrcamConfigError
 
 __all__ = ["RunSummary", "plan_shards", "run", "start_ray"]
 
@@ -227,7 +228,13 @@ class _Pool:
         self.restarts = 0
         self.busy: dict[Any, int] = {actor: 0 for actor in self.actors}
         # fail fast with the real reason when workers cannot even start (bad checkpoint, missing module)
-        ray.get([actor.pid.remote() for actor in self.actors])
+        try:
+            ray.get([actor.pid.remote() for actor in self.actors])
+        except ray.exceptions.RayError as exc:
+            for actor in self.actors:
+                ray.kill(actor)
+            reason = [line for line in str(exc).splitlines() if "Error" in line][-1:] or [str(exc)]
+            raise XrcamConfigError(f"the workers could not start: {reason[0].strip()}") from exc
 
     def replace(self, actor) -> None:
         """Swap a dead actor for a fresh one."""

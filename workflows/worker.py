@@ -181,7 +181,7 @@ class ShardWorker:
     # ----------------------------------------------------------------- per shard
     def process(self, shard: Shard) -> dict[str, Any]:
         """Explain and write one shard; returns its manifest (``error`` set when it failed)."""
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         manifest: dict[str, Any] = {
             "video_id": shard.video_id,
             "path": str(shard.entry.path),
@@ -198,6 +198,7 @@ class ShardWorker:
             log.warning("shard %d of %s failed: %s: %s", shard.index, shard.video_id, type(exc).__name__, exc)
             manifest["error"] = {"error_type": type(exc).__name__, "message": str(exc)}
         manifest["seconds"] = time.perf_counter() - started
+        manifest["cpu_seconds"] = time.process_time() - cpu_started  # all threads of the worker process
         manifest["batch_size"] = self.batch_size
         return manifest
 
