@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from reduce_helpers import LAYERS, METHODS, build_store
 
 from workflows.reduce import (
     METRICS_DIR,
@@ -20,74 +21,11 @@ from workflows.reduce import (
     reduce_results,
     reduce_video,
 )
-from workflows.store import ResultStore, VideoLayout, map_name
+from workflows.store import ResultStore, map_name
 from xrcam.errors import XrcamConfigError
 from xrcam.postprocess import aggregate, iou, make_masks, normalize
 
-METHODS = ("gradcam", "relevancecam", "xrelevancecam")
-LAYERS = ("layer1", "layer2", "layer3", "layer4")
-SHAPES = {"layer1": (16, 16), "layer2": (8, 8), "layer3": (4, 4), "layer4": (2, 2)}
 SIZE = 32
-
-
-def _blob(shape, centre, sigma):
-    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
-    cy, cx = centre[0] * shape[0], centre[1] * shape[1]
-    return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (sigma * shape[0]) ** 2))
-
-
-def build_store(root, videos=3, frames=10, chunk=4, seed=0):
-    """A results folder as `xrcam run` writes it, with synthetic maps (a blob where the GT mask is)."""
-    rng = np.random.default_rng(seed)
-    settings = {
-        "archive": str(root / "archive"),
-        "model": "resnet18",
-        "classes": ["glioblastoma", "meningioma"],
-        "methods": list(METHODS),
-        "layers": list(LAYERS),
-        "rules": "reference",
-        "clrp": "unit",
-        "chunk_frames": chunk,
-    }
-    store = ResultStore.open(root, settings)
-    for v in range(videos):
-        label_index = v % 2
-        layout = VideoLayout(
-            video_id=f"{['glioblastoma', 'meningioma'][label_index]}/p{v}/video{v}.mkt",
-            path=str(root / "archive" / f"video{v}.mkt"),
-            patient=f"p{v}",
-            label=["glioblastoma", "meningioma"][label_index],
-            label_index=label_index,
-            crop=(3, 4, SIZE),
-            frame_step=2,
-            num_source_frames=2 * frames,
-            num_classes=2,
-            map_shapes=SHAPES,
-        )
-        store.create_video(layout)
-        centres = rng.uniform(0.3, 0.7, size=(frames, 2))
-        gt = np.stack([_blob((SIZE, SIZE), c, 0.12) > 0.5 for c in centres]).astype(np.uint8)
-        has_gt = np.arange(frames) % 3 != 2
-        gt[~has_gt] = 0
-        if label_index == 1:
-            gt[0] = 0  # an annotated frame whose ground truth is empty: reported, not averaged
-        logits = rng.normal(size=(frames, 2)).astype(np.float32)
-        arrays = {
-            "frame_index": np.arange(0, 2 * frames, 2),
-            "logits": logits,
-            "probabilities": torch.softmax(torch.from_numpy(logits), 1).numpy(),
-            "predicted": logits.argmax(1),
-            "gt_mask": gt,
-            "has_gt_mask": has_gt,
-        }
-        for m, method in enumerate(METHODS):
-            for layer, shape in SHAPES.items():
-                noise = rng.normal(scale=0.1 * (m + 1), size=(frames, *shape))
-                maps = np.stack([_blob(shape, c, 0.15) for c in centres]) + noise
-                arrays[map_name(method, layer)] = maps.astype(np.float16)
-        store.write(layout.key, 0, arrays)
-        store.mark_done(layout.key, 0, frames)
-    return store
 
 
 @pytest.fixture
@@ -304,7 +242,7 @@ def test_cli_reduce_in_process(results):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_reduce_on_local_ray_matches_serial(results, tmp_path):
+def test_reduce_on_local_ray_matches_serial(results, ray_local):
     settings = ReduceSettings(layer_sets=("4", "4+3+2+1"))
     reduce_results(results, settings, workers=0)
     serial = pd.read_parquet(results / METRICS_DIR)

@@ -388,14 +388,11 @@ def _on_ray(
 
     Results are taken in submission order, so rows are written in the same order on every run.
     """
+    from workflows.driver import start_ray
+
+    started = start_ray(address, num_cpus=workers)
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        if address:
-            ray.init(address=address, include_dashboard=False, log_to_driver=True)
-        else:
-            ray.init(num_cpus=workers, _node_ip_address="127.0.0.1", include_dashboard=False)
     try:
         task = ray.remote(num_cpus=1, max_retries=1)(reduce_video)
         plain = settings.to_dict()
