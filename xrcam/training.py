@@ -160,18 +160,31 @@ def prepare_data(archive: Any, config: TrainConfig, *, progress: bool = False) -
     from xrcam.preprocess import PreprocessConfig
 
     mean, std = model_normalisation(load_model(config.model, num_classes=len(classes)))
-    pre_config = PreprocessConfig(frame_step=config.frame_step, size=config.image_size, mean=mean, std=std)
+    pre_config = PreprocessConfig(frame_step=config.frame_step, mean=mean, std=std)
+    geometry = {}  # video_id -> its detected crop and FOV
+    for entry in entries:
+        try:
+            geometry[entry.video_id] = _detect_geometry(entry.path, pre_config)
+        except XrcamInputError as exc:
+            problems.append(str(exc))
+            log.warning("skipping video: %s", exc)
+    if not geometry:
+        raise XrcamInputError(getattr(archive, "root", "archive"), "no video with a usable field of view")
+    # one tensor set needs one size: the median crop side unless --image-size says otherwise
+    size = config.image_size or int(np.median([crop.size for crop, _, _ in geometry.values()]))
+    pre_config = dataclasses.replace(pre_config, size=size)
+
     per_split: dict[str, list[tuple[torch.Tensor, int]]] = {s: [] for s in SPLITS}
     rows: list[dict[str, str]] = []
-    iterator = entries
+    iterator = [e for e in entries if e.video_id in geometry]
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(entries, desc="preprocessing", unit="video")
+        iterator = tqdm(iterator, desc="preprocessing", unit="video")
     for entry in iterator:
         split = assignment[entry.patient]
         try:
-            images = _load_video(entry.path, config, pre_config)
+            images = _load_video(entry.path, config, pre_config, geometry[entry.video_id])
         except XrcamInputError as exc:
             problems.append(str(exc))
             log.warning("skipping video: %s", exc)
@@ -206,22 +219,35 @@ def prepare_data(archive: Any, config: TrainConfig, *, progress: bool = False) -
     )
 
 
-def _load_video(path: Path, config: TrainConfig, pre_config: Any) -> torch.Tensor:
-    """Kept frames of one video, preprocessed: (F, 3, S, S) float16."""
+def _detect_geometry(path: Path, pre_config: Any) -> tuple[Any, tuple[int, int], Any]:
+    """(crop, frame shape, FOV) of one video, detected on its first frame as ``xrcam run`` does."""
     from xrcam.io.readers import open_video
     from xrcam.preprocess import Preprocessor
 
     with open_video(path) as reader:
         pre = Preprocessor.for_video(reader, pre_config)
+    return pre.crop, pre.frame_shape, pre.fov
+
+
+def _load_video(
+    path: Path, config: TrainConfig, pre_config: Any, geometry: tuple[Any, tuple[int, int], Any]
+) -> torch.Tensor:
+    """Kept frames of one video, preprocessed: (F, 3, S, S) float16."""
+    from xrcam.io.readers import open_video
+    from xrcam.preprocess import Preprocessor
+
+    crop, frame_shape, fov = geometry
+    pre = Preprocessor(crop, frame_shape, pre_config, fov, path)
+    with open_video(path) as reader:
         kept = list(pre.frame_indices(reader.num_frames))
         if config.max_frames_per_video is not None and len(kept) > config.max_frames_per_video:
             pick = np.linspace(0, len(kept) - 1, config.max_frames_per_video).round().astype(int)
             kept = [kept[i] for i in sorted(set(pick.tolist()))]
         wanted = set(kept)
         raw = [frame for index, frame in reader.read(step=config.frame_step) if index in wanted]
-        if not raw:
-            raise XrcamInputError(path, "no frames to train on")
-        chunks = [pre(np.stack(raw[i : i + 64])).to(torch.float16) for i in range(0, len(raw), 64)]
+    if not raw:
+        raise XrcamInputError(path, "no frames to train on")
+    chunks = [pre(np.stack(raw[i : i + 64])).to(torch.float16) for i in range(0, len(raw), 64)]
     return torch.cat(chunks)
 
 
