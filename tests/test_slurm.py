@@ -9,6 +9,7 @@ leaves none of that job's processes behind.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,7 +38,10 @@ def case(tmp_path_factory) -> dict:
     checkpoint = save_checkpoint(load_model("resnet18", num_classes=2), root / "model.pt")
     run_args = ["--model", "resnet18", "--checkpoint", str(checkpoint), "--methods", "gradcam,xrelevancecam"]
     run_args += ["--workers", "1", "--batch-size", "4", "--no-progress"]
-    return {"root": root, "archive": archive, "run_args": run_args}
+    local = root / "local results"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([XRCAM, "run", str(archive), "--out", str(local), *run_args], env=env, check=True)
+    return {"root": root, "archive": archive, "run_args": run_args, "local": _arrays(local)}
 
 
 def _arrays(results: Path) -> dict[str, np.ndarray]:
@@ -83,12 +87,6 @@ def test_slurm_job_requeues_resumes_equals_local_run_and_cleans_up(case):
     it stops its run and its own Ray and requeues itself; the second start finishes the work."""
     from slurm_local import local_slurm, wait_for_job
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    local = case["root"] / "local results"
-    subprocess.run(
-        [XRCAM, "run", str(case["archive"]), "--out", str(local), *case["run_args"]], env=env, check=True
-    )
-
     remote = case["root"] / "slurm results"
     with local_slurm() as slurm_env:
         submitted = subprocess.run(
@@ -123,12 +121,47 @@ def test_slurm_job_requeues_resumes_equals_local_run_and_cleans_up(case):
         status = subprocess.run([XRCAM, "status", job_id], env=slurm_env, capture_output=True, text=True)
         assert status.returncode == 0 and "COMPLETED" in status.stdout, status.stdout + status.stderr
 
-    ours, theirs = _arrays(remote), _arrays(local)
-    assert ours.keys() >= theirs.keys() and theirs
-    for name, expected in theirs.items():
-        np.testing.assert_array_equal(ours[name], expected, err_msg=name)
-    assert any(name.split("/")[1].startswith("agg_") for name in ours)  # `xrcam reduce` ran in the job too
-    assert (remote / "summary").is_dir()
+    _assert_equal_to_local_run(remote, case["local"])
     # the job stopped its own Ray: no process carries its tag, its temp dir is gone
     assert _own_processes(tag) == []
     assert not Path(f"/tmp/{tag}").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts SLURM daemons: needs root (CI runs as root)")
+def test_two_node_job_runs_ray_across_both_nodes(case):
+    """The multi-node path: Ray's head on the first node, a Ray node on the second via srun, both
+    used by `xrcam run`, and the cleanup step on the second node. The second node is a network
+    namespace of this machine (see slurm_local), so ports are per node as on real machines."""
+    from slurm_local import local_slurm, wait_for_job
+
+    remote = case["root"] / "two node results"
+    run_args = [*case["run_args"], "--workers", "2"]  # the last --workers wins: one actor per node
+    with local_slurm(nodes=2) as slurm_env:
+        submitted = subprocess.run(
+            [XRCAM, "submit", "slurm", str(case["archive"]), "--out", str(remote), "--nodes", "2"]
+            + ["--cpus-per-task", "1", "--", *run_args],
+            env={**slurm_env, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.split("Submitted SLURM job ")[1].split()[0]
+        job = wait_for_job(job_id, slurm_env, timeout_s=900)
+        output = (remote / "slurm" / f"xrcam-{job_id}.out").read_text()
+        assert job.get("JobState") == "COMPLETED" and job.get("ExitCode") == "0:0", output
+        assert job.get("NumNodes") == "2", job
+        # two Ray nodes, each on its own node's address, none on loopback
+        addresses = set(re.findall(r"Local node IP.*?(\d+\.\d+\.\d+\.\d+)", output))
+        assert len(addresses) == 2 and "127.0.0.1" not in addresses, output
+        assert "with 2 workers" in output, output
+    _assert_equal_to_local_run(remote, case["local"])
+    assert _own_processes(f"xrcam-ray-{job_id}") == []
+
+
+def _assert_equal_to_local_run(remote: Path, local: dict[str, np.ndarray]) -> None:
+    ours = _arrays(remote)
+    assert local and ours.keys() >= local.keys()
+    for name, expected in local.items():
+        np.testing.assert_array_equal(ours[name], expected, err_msg=name)
+    assert any(name.split("/")[1].startswith("agg_") for name in ours)  # `xrcam reduce` ran in the job too
+    assert (remote / "summary").is_dir()
