@@ -173,23 +173,18 @@ def test_cli_trains_and_prints_test_accuracy(archive, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_train_two_cpu_workers(data, tmp_path):
-    import ray
+def test_ray_train_two_cpu_workers(ray_local, data, tmp_path):
+    import xrcam
+    from workflows.train_ray import train_distributed
+    from xrcam.errors import XrcamConfigError
 
-    from workflows.train_ray import init_ray, train_distributed
-
-    init_ray(None)
-    try:
-        result = train_distributed(
-            data, tmp_path, TrainConfig(**TINY), workers=2, use_gpu=False, progress=False
-        )
-    finally:
-        ray.shutdown()
+    result = train_distributed(data, tmp_path, TrainConfig(**TINY), workers=2, use_gpu=False, progress=False)
     assert result.epochs_run == 1 and result.best_epoch == 1
     assert result.test_frames == len(data.frames["test"])
     assert [r["epoch"] for r in _metrics(tmp_path)] == ["1"]
     sidecar = json.loads((tmp_path / "model.pt.json").read_text())
     assert sidecar["metrics"]["test_accuracy"] == pytest.approx(result.test_accuracy)
-    import xrcam
-
     xrcam.load_model("resnet18", num_classes=2, checkpoint=tmp_path / "model.pt")
+    with pytest.raises(XrcamConfigError, match="seed"):  # a worker's own error reaches the caller
+        changed = TrainConfig(**{**TINY, "epochs": 2, "seed": 5})
+        train_distributed(data, tmp_path, changed, workers=2, use_gpu=False, progress=False)

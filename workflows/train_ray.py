@@ -19,17 +19,7 @@ import ray.train.torch
 from xrcam.errors import XrcamError
 from xrcam.training import TrainConfig, TrainData, TrainResult, fit, read_result
 
-__all__ = ["init_ray", "train_distributed"]
-
-
-def init_ray(address: str | None = None) -> None:
-    """Join the cluster at ``address``, or start a private local Ray bound to 127.0.0.1 without dashboard."""
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+__all__ = ["train_distributed"]
 
 
 def train_distributed(
@@ -41,7 +31,9 @@ def train_distributed(
     use_gpu: bool | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train on ``workers`` Ray Train workers (``init_ray`` first); returns the run's summary.
+    """Train on ``workers`` Ray Train workers (Ray started first: ``workflows.driver.start_ray``).
+
+    Returns the run's summary.
 
     ``use_gpu=None`` uses GPUs when the cluster has one per worker. ``config.batch_size`` stays the
     global batch: each worker takes ``batch_size / workers`` samples per step.

@@ -145,11 +145,19 @@ def _train(
             device = "cuda" if torch.cuda.is_available() else "cpu"
         result = fit(data, out, config, device=device, progress=progress)
     else:
-        from workflows.train_ray import init_ray, train_distributed
+        from workflows.driver import start_ray
 
-        init_ray(address)
-        use_gpu = None if device == "auto" else device == "cuda"
-        result = train_distributed(data, out, config, workers=workers, use_gpu=use_gpu, progress=progress)
+        started = start_ray(address)  # before anything imports ray: it binds to 127.0.0.1 only then
+        from workflows.train_ray import train_distributed
+
+        try:
+            use_gpu = None if device == "auto" else device == "cuda"
+            result = train_distributed(data, out, config, workers=workers, use_gpu=use_gpu, progress=progress)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
     stop = "early stop" if result.stopped_early else "epoch limit"
     click.echo(
         f"trained {result.epochs_run} epochs ({stop}); best epoch {result.best_epoch}: "
