@@ -46,7 +46,7 @@ def bare_explainer_fps(archive: Path, args, threads: int) -> tuple[float, int]:
             pre = Preprocessor.for_video(reader, PreprocessConfig(frame_step=2, crop=Crop(*args.crop)))
             frames = np.stack([frame for _, frame in reader.read(0, None, 2)])
         x = pre(frames)
-        batches += [x[i : i + args.batch_size] for i in range(0, len(x), args.batch_size)]
+        batches += [x[i : i + args.batch_size].clone() for i in range(0, len(x), args.batch_size)]
     explainer(batches[0][:1])  # warm-up
     started, cpu_started = time.perf_counter(), time.process_time()
     for x in batches:

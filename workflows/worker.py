@@ -218,7 +218,7 @@ class ShardWorker:
         writer.start()
         try:
             for batch in _drain(batches):
-                if not _put_until(results, self._explain(batch), alive=writer):
+                if errors or not _put_until(results, self._explain(batch), alive=writer):
                     break  # the writer failed; its error is raised below
         except BaseException as exc:
             errors.append(exc)
