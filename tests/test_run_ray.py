@@ -182,19 +182,22 @@ def test_patient_ids_reach_no_log_store_attribute_or_table(setup, first_run):
 def test_rerun_recomputes_nothing_and_other_settings_are_refused(setup, first_run):
     out = first_run["out"]
     chunks = {p: p.read_bytes() for p in (out / "maps.zarr").rglob("*") if p.is_file() and "c" in p.parts}
-    settings = RunSettings.resolve(
-        None,
-        archive=str(setup["archive"]),
-        out=str(out),
-        checkpoint=str(setup["checkpoint"]),
-        chunk_frames=2,
-        shard_chunks=1,
-        workers=2,
-        batch_size=2,
+    # the same run, its settings now from a TOML file and the environment (relative paths: the file's folder)
+    config = setup["root"] / "run.toml"
+    config.write_text(
+        f'archive = "archive"\nout = "results"\ncheckpoint = "{setup["checkpoint"].name}"\n'
+        "chunk-frames = 2\nshard_chunks = 1\nbatch-size = 64\n"
     )
-    summary = run(settings, progress=False)
-    assert summary.shards_processed == 0  # only the broken shard was tried again, and failed again
-    assert summary.shards_skipped == 9 and len(summary.failures) == 2
+    result = CliRunner().invoke(
+        main,
+        ["run", "--config", str(config), "--batch-size", "2", "--no-progress"],
+        env={"XRCAM_WORKERS": "1"},
+    )
+    assert result.exit_code == 1, result.output  # the broken shard is tried again and fails again
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["settings"]["batch_size"] == 2 and summary["settings"]["workers"] == 1  # options win
+    assert summary["shards_processed"] == 0 and summary["shards_skipped"] == 9  # nothing recomputed
+    assert len(summary["failures"]) == 2
     assert {p: p.read_bytes() for p in chunks} == chunks
 
     args = ["run", str(setup["archive"]), "--out", str(out), "--checkpoint", str(setup["checkpoint"])]
