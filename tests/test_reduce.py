@@ -153,18 +153,38 @@ def test_summary_tables_follow_the_paper_layout(results):
     assert not (results / "summary" / "table4_axioms.parquet").exists()
 
 
-def test_axiom_table_when_evaluate_wrote_axioms(results):
+def test_axiom_table_and_columns_when_evaluate_wrote_axioms(results):
+    store = ResultStore.open(results)
+    group = store.video(store.video_keys()[0])
+    video_id, frames = group.attrs["video_id"], group["frame_index"][:2].tolist()
     rows = [
-        {"method": m, "layer": layer, "conservation": 0.1 * i, "sensitivity": 0.2 * i}
+        {
+            "video_id": video_id,
+            "frame": f,
+            "method": m,
+            "layer": layer,
+            "conservation": 0.1 * i,
+            "sensitivity": 0.2 * i,
+        }
         for i, m in enumerate(METHODS, start=1)
         for layer in LAYERS
+        for f in frames
     ]
     pd.DataFrame(rows).to_parquet(results / "axioms.parquet")
-    reduce_results(results, ReduceSettings(layer_sets=("4",)), workers=0)
+    reduce_results(results, ReduceSettings(layer_sets=("3", "4", "4+3")), workers=0)
     t4 = pd.read_parquet(results / "summary" / "table4_axioms.parquet")
     assert list(t4.columns) == ["method", "axiom", "layer 1", "layer 2", "layer 3", "layer 4", "average"]
     row = t4[(t4.method == "relevancecam") & (t4.axiom == "sensitivity")].iloc[0]
     assert row["layer 3"] == pytest.approx(0.4) and row["average"] == pytest.approx(0.4)
+    # the sampled frames carry their axiom metrics on the single-layer rows, nothing else does
+    df = pd.read_parquet(results / METRICS_DIR)
+    filled = df[df.conservation.notna()]
+    assert len(filled) == len(METHODS) * 2 * len(frames)  # layer sets "3" and "4"
+    assert set(filled.layer_set) == {"3", "4"} and set(filled.frame) == set(frames)
+    assert set(filled.video_id) == {video_id}
+    x = filled[filled.method == "xrelevancecam"]
+    np.testing.assert_allclose(x["conservation"], 0.3, rtol=1e-6)
+    np.testing.assert_allclose(x["sensitivity"], 0.6, rtol=1e-6)
 
 
 def test_rerun_is_idempotent_and_replaces_outputs(results):

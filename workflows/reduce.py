@@ -86,6 +86,9 @@ METRIC_SCHEMA = pa.schema(
         ("mask_area", pa.int64()),  # pixels of the saliency mask on the crop grid
         ("mask_fraction", pa.float32()),  # mask_area / crop pixels
         ("iou", pa.float32()),  # NaN where the frame has no ground truth (or both masks are empty)
+        # axiom metrics of single-layer rows, for the frames `xrcam evaluate --axioms` sampled; NaN elsewhere
+        ("conservation", pa.float32()),
+        ("sensitivity", pa.float32()),
     ]
 )
 
@@ -288,6 +291,8 @@ def reduce_video(
                     "mask_area": area,
                     "mask_fraction": (area / float(size * size)).astype(np.float32),
                     "iou": scores.astype(np.float32),
+                    "conservation": np.full(stop - start, np.nan, dtype=np.float32),
+                    "sensitivity": np.full(stop - start, np.nan, dtype=np.float32),
                 }
                 parts[method, layer_set].append(pa.table(rows, schema=METRIC_SCHEMA).filter(pa.array(valid)))
     group.attrs.update({"reduced": {"xrcam_version": __version__, **settings.to_dict()}})
@@ -376,6 +381,38 @@ def _replace(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+AXIOMS_NAME = "axioms.parquet"  # per-frame axiom metrics written by `xrcam evaluate --axioms --out RESULTS`
+
+
+def _read_axioms(results: Path):
+    """Per-frame axiom metrics keyed like the metric rows, or None when ``xrcam evaluate`` wrote none."""
+    path = results / AXIOMS_NAME
+    if not path.exists():
+        return None
+    import pandas as pd
+
+    df = pd.read_parquet(path)
+    needed = {"video_id", "frame", "method", "layer", "conservation", "sensitivity"}
+    if not needed <= set(df.columns):
+        log.warning("%s lacks %s; axiom columns stay empty", path, sorted(needed - set(df.columns)))
+        return None
+    df = df.assign(
+        layer_set=df["layer"].astype(str).str.removeprefix("layer"), frame=df["frame"].astype("int64")
+    )
+    keys = ["video_id", "frame", "method", "layer_set"]
+    return df.groupby(keys, as_index=False)[["conservation", "sensitivity"]].mean()
+
+
+def _with_axioms(table: pa.Table, axioms) -> pa.Table:
+    """Fill the axiom columns of the rows that ``axioms`` covers (row order is kept)."""
+    if axioms is None or not table.num_rows:
+        return table
+    keys = ["video_id", "frame", "method", "layer_set"]
+    rows = table.drop_columns(["conservation", "sensitivity"]).to_pandas()
+    merged = rows.merge(axioms, on=keys, how="left", validate="many_to_one")
+    return pa.Table.from_pandas(merged, schema=METRIC_SCHEMA, preserve_index=False)
+
+
 def _serial(results: Path, keys: Sequence[str], settings: ReduceSettings) -> Iterator[pa.Table]:
     for key in keys:
         yield reduce_video(results, key, settings)
@@ -452,6 +489,7 @@ def reduce_results(
         if workers == 0
         else _on_ray(results, complete, settings, address, max(1, min(workers, len(complete) or 1)))
     )
+    axioms = _read_axioms(results)
     tmp = results / f".{METRICS_DIR}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -459,7 +497,7 @@ def reduce_results(
     rows = 0
     try:
         for done, table in enumerate(tables, start=1):
-            writers.write(table)
+            writers.write(_with_axioms(table, axioms))
             rows += table.num_rows
             if on_video:
                 on_video(done, len(complete))
@@ -574,7 +612,7 @@ def _axiom_table(results: Path):
 
     Accepts per-frame or already averaged rows with ``method, layer, conservation, sensitivity``.
     """
-    path = results / "axioms.parquet"
+    path = results / AXIOMS_NAME
     if not path.exists():
         return None
     import pandas as pd
