@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from xrcam.errors import XrcamConfigError, XrcamError
 
-__all__ = ["build_report", "export_overlay_video", "colorize", "overlay"]
+__all__ = ["build_report", "export_overlay_video", "bar_chart", "colorize", "overlay"]
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,14 @@ class _FrameSource:
         if self.pre is None:
             return np.full((len(frames), self.size, self.size), 0.5, dtype=np.float32)
         raw = {}
-        for index in sorted(set(frames)):
-            for i, frame in self.reader.read(start=index, stop=index + 1):
+        wanted = sorted(set(frames))
+        steps = set(np.diff(wanted).tolist())
+        if len(steps) == 1:  # evenly spaced (a run of kept frames): one sequential pass, no per-frame seek
+            runs = [(wanted[0], wanted[-1] + 1, steps.pop())]
+        else:
+            runs = [(index, index + 1, 1) for index in wanted]
+        for start, stop, step in runs:
+            for i, frame in self.reader.read(start=start, stop=stop, step=step):
                 raw[i] = frame
         x = self.pre(np.stack([raw[i] for i in frames]))[:, 0]  # every channel is the same grey
         mean, std = self.pre.config.mean[0], self.pre.config.std[0]
