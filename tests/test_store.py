@@ -139,3 +139,12 @@ def test_settings_merge_toml_then_options(tmp_path):
         load_toml(tmp_path / "bad.toml")
     with pytest.raises(XrcamConfigError, match="x,y,size"):
         parse_crop("1,2")
+
+
+def test_a_half_created_video_group_counts_as_missing(tmp_path):
+    store = ResultStore.open(tmp_path, SETTINGS)
+    group = store.create_video(LAYOUT)
+    del group["xrelevancecam_layer4"]  # as if the driver died while creating the arrays
+    assert store.layout(LAYOUT.key) is None
+    store.create_video(LAYOUT)
+    assert store.layout(LAYOUT.key) == LAYOUT

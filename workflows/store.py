@@ -48,6 +48,9 @@ RUN_NAME = "run.json"
 FAILURE_COLUMNS = ("path", "video_id", "shard", "error_type", "message")
 
 
+_BASE_ARRAYS = ("frame_index", "logits", "probabilities", "predicted", "gt_mask", "has_gt_mask")
+
+
 def video_key(video_id: str) -> str:
     """The group name of a video: its archive-relative id with '/' replaced by '__'."""
     return video_id.replace("/", "__")
@@ -218,8 +221,15 @@ class ResultStore:
         return videos[key] if key in videos else None
 
     def layout(self, key: str) -> VideoLayout | None:
+        """A video's layout, or ``None`` when its group is missing or was left half-created by a crash."""
         group = self.video(key)
-        return None if group is None else VideoLayout.from_json(group.attrs.asdict())
+        if group is None:
+            return None
+        layout = VideoLayout.from_json(group.attrs.asdict())
+        required = set(_BASE_ARRAYS) | {
+            map_name(m, layer) for m in self.methods for layer in layout.map_shapes
+        }
+        return layout if required <= set(group.array_keys()) else None
 
     def create_video(self, layout: VideoLayout) -> zarr.Group:
         """Create a video's group and all its arrays (filled with 'missing' values until written)."""
