@@ -138,6 +138,14 @@ def bar_chart(df, title: str, ylabel: str = "mIoU (%)") -> Image.Image:
             (left + (g + 0.5) * group_w, top + plot_h + 8), str(group), fill="black", font=small, anchor="mt"
         )
     draw.line([(left, top + plot_h), (left + plot_w, top + plot_h)], fill="black")
+    if not np.isfinite(values).any():
+        draw.text(
+            (left + plot_w / 2, top + plot_h / 2),
+            "no frame to average: mIoU needs annotated, correctly classified frames",
+            fill=(160, 60, 0),
+            font=small,
+            anchor="mm",
+        )
     for s, name in enumerate(series):  # legend
         y = top + 4 + s * 20
         draw.rectangle([width - 160, y, width - 146, y + 12], fill=_PALETTE[s % len(_PALETTE)])
@@ -482,6 +490,12 @@ def build_report(results: str | Path, out: str | Path | None = None, *, frames: 
     for name, (title, best) in _TITLES.items():
         if name in tables:
             parts.append(f"<h3>{html.escape(title)}</h3>{_html_table(tables[name], best)}")
+    miou_frames = tables.get("table2_layerset_miou", tables.get("table1_layer_miou"))
+    if miou_frames is not None and not (miou_frames["frames"] > 0).any():
+        notes.append(
+            "No frame is both annotated and correctly classified, so every mIoU is empty; "
+            "check the checkpoint (accuracy tables) and that the archive has ground-truth masks."
+        )
     if "table4_axioms" not in tables:
         parts.append(
             '<p class="note">Table 4 (axiom metrics) needs <code>xrcam evaluate --axioms --out RESULTS</code> before reducing.</p>'
