@@ -4,7 +4,7 @@ Prints frames/s for skresnext50_32x4d (random weights), batch 8, 230x230, on thi
   plain      forward + backward with every parameter requiring grad (a training step without the update)
   xrelcam    XRelevanceCAM at layer1..layer4 (one forward, one LRP backward)
   all7       all seven methods at layer1..layer4 (one forward, one gradient and one LRP backward)
-and the ratios to ``plain`` (targets: xrelcam <= 1.3x, all7 <= 2.0x the plain pass's time).
+(fastest of ``--repeats`` interleaved rounds) and the ratios to ``plain`` (targets: xrelcam <= 1.3x, all7 <= 2.0x the plain pass's time).
 Then the peak resident memory of each at batch 32, each measured in a fresh subprocess.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_explain.py [--repeats 3] [--device cpu]
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -38,18 +37,22 @@ def _runner(kind: str, model: torch.nn.Module):
     return xrcam.create_explainer(model, methods=methods)
 
 
-def _time(fn, x: torch.Tensor, repeats: int) -> float:
-    fn(x)  # warm-up (allocator, kernels)
-    times = []
+def _time(runners: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Fastest of ``repeats`` interleaved rounds per runner: on a shared machine the minimum is the
+    least disturbed measurement, and interleaving exposes every runner to the same load."""
+    for fn in runners.values():
+        fn(x)  # warm-up (allocator, kernels)
+    times: dict[str, list[float]] = {kind: [] for kind in runners}
     for _ in range(repeats):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for kind, fn in runners.items():
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            times[kind].append(time.perf_counter() - start)
+    return {kind: min(t) for kind, t in times.items()}
 
 
 def _peak(kind: str, batch: int, device: str) -> None:
@@ -101,7 +104,7 @@ def main() -> None:
     print(
         f"{MODEL}, batch {args.batch}, {SIZE}x{SIZE}, device {args.device}, torch threads {torch.get_num_threads()}"
     )
-    seconds = {kind: _time(_runner(kind, model), x, args.repeats) for kind in ("plain", "xrelcam", "all7")}
+    seconds = _time({kind: _runner(kind, model) for kind in ("plain", "xrelcam", "all7")}, x, args.repeats)
     for kind, s in seconds.items():
         print(
             f"{kind:8s} {args.batch / s:7.2f} frames/s  {s:7.3f} s/batch  ratio to plain {s / seconds['plain']:.2f}x"

@@ -44,7 +44,7 @@ def test_zplus_rule_matches_its_closed_form_and_conserves():
     torch.testing.assert_close(got.sum(1), r.sum(1))
     # inputs of both signs (the first conv's case): positive products still conserve
     x = torch.randn(2, 5, generator=gen, dtype=torch.float64)
-    (got,) = ZPlus(layer)(r, x)
+    (got,) = ZPlus(layer, signed_input=True)(r, x)
     contrib = (x[:, None, :] * layer.weight[None]).clamp(min=0)
     torch.testing.assert_close(got, (contrib / contrib.sum(2, keepdim=True) * r[:, :, None]).sum(1))
 

@@ -23,7 +23,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.sknet import SelectiveKernelBasic, SelectiveKernelBottleneck
 from torch import Tensor, nn
 
-from xrcam.lrp.rules import GatedSum, Proportional, Switch, route
+from xrcam.lrp.rules import GatedSum, Sum, Switch, route
 
 __all__ = ["canonical_forward", "RESIDUAL_BLOCKS"]
 
@@ -51,7 +51,7 @@ RESIDUAL_BLOCKS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {
     SelectiveKernelBottleneck: (("conv1", "conv2", "conv3", "se", "drop_path"), "act"),
 }
 
-_ADD = Proportional(torch.add)
+_ADD = Sum()
 
 
 def _residual_forward(block: nn.Module, switch: Switch, name: str) -> Callable[[Tensor], Tensor]:

@@ -43,16 +43,17 @@ class Composite:
     preset: str = "reference"
     params: dict[str, float] = field(default_factory=dict)
 
-    def layer_rule(self, module: nn.Module):
+    def layer_rule(self, module: nn.Module, signed_input: bool = False):
         if self.preset == "reference":
-            return ZPlus(module)
+            return ZPlus(module, signed_input=signed_input)
         if self.preset == "epsilon":
             return Epsilon(module, **self.params)
-        return AlphaBeta(module, **self.params)
+        return AlphaBeta(module, **self.params, signed_input=signed_input)
 
-    def rule_for(self, module: nn.Module):
+    def rule_for(self, module: nn.Module, signed_input: bool = False):
+        """The rule for ``module``; ``signed_input`` marks the input layer (the only one fed values < 0)."""
         if isinstance(module, nn.Conv2d | nn.Linear):
-            return self.layer_rule(module)
+            return self.layer_rule(module, signed_input)
         if isinstance(module, _PASS_THROUGH):
             return PassThrough()
         if isinstance(module, _AVERAGING):
@@ -88,11 +89,17 @@ def _routed_forward(module: nn.Module, rule, switch: Switch, name: str) -> Calla
     return forward
 
 
-def _plan(module: nn.Module, composite: Composite, switch: Switch, name: str = "") -> list:
-    """(module, replacement forward) for every module the composite or a canonizer rewrites."""
+def _plan(
+    module: nn.Module, composite: Composite, switch: Switch, first: nn.Module | None, name: str = ""
+) -> list:
+    """(module, replacement forward) for every module the composite or a canonizer rewrites.
+
+    ``first`` is the input layer: every later Conv2d/Linear of this family follows a ReLU (or pooling
+    of one) and so sees non-negative inputs, which lets the z⁺ and αβ rules skip the negative half.
+    """
     if isinstance(module, SelectiveKernelAttn):
         return []  # the gates are constants for LRP; their own gradient still flows in gradient mode
-    rule = composite.rule_for(module)
+    rule = composite.rule_for(module, signed_input=module is first)
     if rule is not None:
         return [(module, _routed_forward(module, rule, switch, name))]
     children = list(module.named_children())
@@ -108,7 +115,7 @@ def _plan(module: nn.Module, composite: Composite, switch: Switch, name: str = "
     if forward is not None:
         plan.append((module, forward))
     for child_name, child in children:
-        plan += _plan(child, composite, switch, f"{name}.{child_name}" if name else child_name)
+        plan += _plan(child, composite, switch, first, f"{name}.{child_name}" if name else child_name)
     return plan
 
 
@@ -123,7 +130,8 @@ def lrp_context(
     out-of-place meanwhile (an in-place write would clobber routed outputs).
     """
     switch = Switch(track_leaks)
-    plan = _plan(model, make_composite(composite), switch)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)), None)
+    plan = _plan(model, make_composite(composite), switch, first)
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU) and m.inplace]
     patched: list[tuple[nn.Module, object]] = []
     try:

@@ -31,6 +31,7 @@ __all__ = [
     "z_rule",
     "PassThrough",
     "Proportional",
+    "Sum",
     "GatedSum",
     "ZPlus",
     "Epsilon",
@@ -85,8 +86,8 @@ def route(switch: Switch, rule: Rule, output: Tensor, *inputs: Tensor, name: str
 
 def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
     """``numerator / denominator``, and 0 where the denominator is exactly 0 (that relevance is dropped)."""
-    zero = denominator == 0
-    return numerator / denominator.masked_fill(zero, 1.0) * ~zero
+    # n/0 is ±inf or nan: zero them in place (two passes instead of masking: this runs on every layer)
+    return torch.div(numerator, denominator).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def z_rule(fn: Callable[..., Tensor], inputs: Sequence[Tensor], relevance: Tensor) -> tuple[Tensor, ...]:
@@ -119,6 +120,16 @@ class Proportional:
         return z_rule(self.fn, inputs, relevance)
 
 
+class Sum:
+    """Residual sum ``a + b``: ``R_a = a/(a+b)·R``, ``R_b = b/(a+b)·R`` (z-rule, written out: it runs per block)."""
+
+    keep_inputs = True
+
+    def __call__(self, relevance: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        share = safe_divide(relevance, a + b)
+        return a * share, b * share
+
+
 class GatedSum:
     """Selective-Kernel fusion ``y = Σ_p a_p x_p`` with the gates ``a`` held constant: split ∝ ``a_p x_p``."""
 
@@ -149,18 +160,22 @@ class _Layer:
         )
 
 
-def _signed_parts(layer: _Layer, weight: Tensor, x: Tensor, relevance: Tensor, positive: bool) -> Tensor:
-    """Relevance of the positive (or negative) products ``x_i w_ij`` alone, each normalised by its own sum."""
+def _signed_parts(
+    layer: _Layer, weight: Tensor, x: Tensor, relevance: Tensor, positive: bool, signed_input: bool
+) -> Tensor:
+    """Relevance of the positive (or negative) products ``x_i w_ij`` alone, each normalised by its own sum.
+
+    ``signed_input=False`` assumes ``x >= 0`` (true after every ReLU), which halves the work.
+    """
     weight = weight.detach()
-    w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
-    w_for_pos_x, w_for_neg_x = (w_pos, w_neg) if positive else (w_neg, w_pos)
-    if bool((x < 0).any()):  # only the input layer sees negative values; skip the extra conv elsewhere
-        x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
-        r_pos, r_neg = z_rule(
-            lambda a, b: layer(a, w_for_pos_x) + layer(b, w_for_neg_x), (x_pos, x_neg), relevance
-        )
-        return r_pos + r_neg
-    return z_rule(lambda a: layer(a, w_for_pos_x), (x,), relevance)[0]
+    w_same = weight.clamp(min=0) if positive else weight.clamp(max=0)
+    if not signed_input:
+        return z_rule(lambda a: layer(a, w_same), (x,), relevance)[0]
+    w_flip = weight.clamp(max=0) if positive else weight.clamp(min=0)
+    r_pos, r_neg = z_rule(
+        lambda a, b: layer(a, w_same) + layer(b, w_flip), (x.clamp(min=0), x.clamp(max=0)), relevance
+    )
+    return r_pos + r_neg
 
 
 class ZPlus:
@@ -172,11 +187,12 @@ class ZPlus:
 
     keep_inputs = True
 
-    def __init__(self, module: nn.Module):
-        self.layer = _Layer(module)
+    def __init__(self, module: nn.Module, signed_input: bool = False):
+        self.layer, self.signed_input = _Layer(module), signed_input
 
     def __call__(self, relevance: Tensor, x: Tensor) -> tuple[Tensor]:
-        return (_signed_parts(self.layer, self.layer.module.weight, x, relevance, positive=True),)
+        weight = self.layer.module.weight
+        return (_signed_parts(self.layer, weight, x, relevance, True, self.signed_input),)
 
 
 class AlphaBeta:
@@ -184,16 +200,16 @@ class AlphaBeta:
 
     keep_inputs = True
 
-    def __init__(self, module: nn.Module, alpha: float = 2.0, beta: float = 1.0):
+    def __init__(self, module: nn.Module, alpha: float = 2.0, beta: float = 1.0, signed_input: bool = False):
         if abs(alpha - beta - 1.0) > 1e-9:
             raise ValueError(f"LRP-alphabeta needs alpha - beta = 1, got alpha={alpha}, beta={beta}")
-        self.layer, self.alpha, self.beta = _Layer(module), alpha, beta
+        self.layer, self.alpha, self.beta, self.signed_input = _Layer(module), alpha, beta, signed_input
 
     def __call__(self, relevance: Tensor, x: Tensor) -> tuple[Tensor]:
-        weight = self.layer.module.weight
-        r = self.alpha * _signed_parts(self.layer, weight, x, relevance, positive=True)
+        weight, signed = self.layer.module.weight, self.signed_input
+        r = self.alpha * _signed_parts(self.layer, weight, x, relevance, True, signed)
         if self.beta:
-            r = r - self.beta * _signed_parts(self.layer, weight, x, relevance, positive=False)
+            r = r - self.beta * _signed_parts(self.layer, weight, x, relevance, False, signed)
         return (r,)
 
 
