@@ -319,3 +319,20 @@ def test_end_to_end_on_a_synthetic_archive(tmp_path, ray_local):
     assert annotated > 0  # the synthetic meningioma video carries ground truth
     t1 = pd.read_parquet(results / "summary" / "table1_layer_miou.parquet")
     assert sorted(t1["method"]) == sorted(store.methods)
+
+
+def test_a_damaged_video_is_reported_and_the_others_carry_on(results):
+    from workflows.cli import main
+
+    store = ResultStore.open(results)
+    bad = store.video_keys()[1]
+    chunk = results / "maps.zarr" / "videos" / bad / "gradcam_layer2" / "c" / "0" / "0" / "0"
+    chunk.write_bytes(b"not a blosc chunk")
+    out = CliRunner().invoke(main, ["reduce", str(results), "--layer-sets", "4,4+3+2", "--workers", "0"])
+    assert out.exit_code == 1
+    assert bad in out.output
+    summary = json.loads((results / "reduce.json").read_text())
+    assert [f["video_key"] for f in summary["failed_videos"]] == [bad]
+    assert summary["videos"] == len(store.video_keys()) - 1
+    keys = set(pd.read_parquet(results / METRICS_DIR)["video_key"])
+    assert bad not in keys and len(keys) == len(store.video_keys()) - 1

@@ -413,17 +413,27 @@ def _with_axioms(table: pa.Table, axioms) -> pa.Table:
     return pa.Table.from_pandas(merged, schema=METRIC_SCHEMA, preserve_index=False)
 
 
-def _serial(results: Path, keys: Sequence[str], settings: ReduceSettings) -> Iterator[pa.Table]:
+def _failure(key: str, exc: BaseException) -> dict[str, str]:
+    cause = getattr(exc, "cause", None) or exc  # a Ray task error carries the worker's exception
+    return {"video_key": key, "error_type": type(cause).__name__, "message": str(cause).splitlines()[0][:500]}
+
+
+def _serial(results: Path, keys: Sequence[str], settings: ReduceSettings) -> Iterator[tuple[str, Any]]:
+    """(video_key, rows or a failure record) per video, in this process."""
     for key in keys:
-        yield reduce_video(results, key, settings)
+        try:
+            yield key, reduce_video(results, key, settings)
+        except Exception as exc:  # noqa: BLE001 - as on Ray: a damaged video is recorded, the rest carries on
+            yield key, _failure(key, exc)
 
 
 def _on_ray(
     results: Path, keys: Sequence[str], settings: ReduceSettings, address: str | None, workers: int
-) -> Iterator[pa.Table]:
+) -> Iterator[tuple[str, Any]]:
     """Run :func:`reduce_video` as one Ray task per video, at most ``2 * workers`` in flight.
 
     Results are taken in submission order, so rows are written in the same order on every run.
+    A task that fails (after one retry) becomes a failure record; the other videos carry on.
     """
     from workflows.driver import start_ray
 
@@ -435,16 +445,21 @@ def _on_ray(
         plain = settings.to_dict()
         pending: deque = deque()
         todo = iter(keys)
-        for key in todo:
-            pending.append(task.remote(str(results), key, plain, torch_threads=1))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            table = ray.get(pending.popleft())
+
+        def submit() -> None:
             for key in todo:
-                pending.append(task.remote(str(results), key, plain, torch_threads=1))
-                break
-            yield table
+                pending.append((key, task.remote(str(results), key, plain, torch_threads=1)))
+                return
+
+        for _ in range(2 * workers):
+            submit()
+        while pending:
+            key, ref = pending.popleft()
+            submit()
+            try:
+                yield key, ray.get(ref)
+            except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as exc:
+                yield key, _failure(key, exc)
     finally:
         if started:
             ray.shutdown()
@@ -494,11 +509,15 @@ def reduce_results(
     if tmp.exists():
         shutil.rmtree(tmp)
     writers = _MethodWriters(tmp, store.methods, metadata)
-    rows = 0
+    rows, failures = 0, []
     try:
-        for done, table in enumerate(tables, start=1):
-            writers.write(_with_axioms(table, axioms))
-            rows += table.num_rows
+        for done, (key, table) in enumerate(tables, start=1):
+            if isinstance(table, dict):
+                log.error("video %s could not be reduced: %s", key, table["message"])
+                failures.append(table)
+            else:
+                writers.write(_with_axioms(table, axioms))
+                rows += table.num_rows
             if on_video:
                 on_video(done, len(complete))
     finally:
@@ -507,8 +526,9 @@ def reduce_results(
     tables_written = summarise(results)
     summary = {
         **metadata,
-        "videos": len(complete),
+        "videos": len(complete) - len(failures),
         "incomplete_videos": incomplete,
+        "failed_videos": failures,
         "rows": rows,
         "metrics": str(results / METRICS_DIR),
         "summary_tables": {name: str(path) for name, path in tables_written.items()},

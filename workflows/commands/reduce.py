@@ -60,7 +60,9 @@ def command(
                                                      accuracy per class and per patient
       reduce.json                                    what was done, with which settings
 
-    Set ids in array names use '-' for '+' (4+3 -> 4-3). Rerunning replaces everything it wrote.
+    Set ids in array names use '-' for '+' (4+3 -> 4-3). Rerunning replaces everything it wrote. A video
+    that cannot be reduced is reported (and listed in reduce.json), the others carry on, and the exit
+    status is 1.
     """
     from workflows.reduce import ReduceSettings, reduce_results
     from xrcam.errors import XrcamError
@@ -84,12 +86,16 @@ def command(
     except XrcamError as exc:
         raise click.ClickException(str(exc)) from exc
     _print_summary(results, summary)
+    if summary["failed_videos"]:
+        raise SystemExit(1)
 
 
 def _print_summary(results: Path, summary: dict) -> None:
     import pandas as pd
 
     click.echo(f"Reduced {summary['videos']} video(s) into {summary['rows']} rows: {results / 'metrics'}")
+    for failure in summary["failed_videos"]:
+        click.echo(f"Failed: {failure['video_key']}: {failure['error_type']}: {failure['message']}", err=True)
     if summary["incomplete_videos"]:
         click.echo(
             f"Left out {len(summary['incomplete_videos'])} incomplete video(s); resume `xrcam run` and reduce again."
