@@ -46,7 +46,7 @@ def train_distributed(
         train_loop_config={
             "data": ray.put(data),
             "out_dir": str(out),
-            "config": config.to_dict(),
+            "config": config,
             "progress": progress,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu),
@@ -68,13 +68,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     data = loop_config["data"]
     if isinstance(data, ray.ObjectRef):
         data = ray.get(data)
-    settings = dict(loop_config["config"])
-    settings["fractions"] = tuple(settings["fractions"])
-    config = TrainConfig(**settings)
     fit(
         data,
         loop_config["out_dir"],
-        config,
+        loop_config["config"],
         device=ray.train.torch.get_device(),
         progress=loop_config["progress"],
         on_epoch=lambda row: ray.train.report({k: float(v) for k, v in row.items()}),

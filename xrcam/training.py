@@ -98,13 +98,36 @@ class TrainConfig:
 
 @dataclass
 class FrameSet:
-    """Preprocessed frames of one split: ``images`` (N, 3, S, S) float16, ``labels`` (N,) int64."""
+    """Preprocessed frames of one split, kept grey: a third of the memory of three normalised channels.
+
+    ``images`` (N, 1, S, S) float16 in [0, 1] (cropped, resized, intensity-scaled); ``labels`` (N,)
+    int64; ``mean``/``std`` the model's normalisation, applied per batch by :meth:`inputs`.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def inputs(
+        self,
+        index: torch.Tensor | slice = slice(None),
+        device: str | torch.device | None = None,
+        augmentation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Model input of the frames at ``index``: float32 (B, 3, S, S), grey repeated and normalised.
+
+        ``augmentation`` acts on the grey [0, 1] frames before normalisation.
+        """
+        grey = self.images[index].to(device, torch.float32)
+        if augmentation is not None:
+            grey = augmentation(grey)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=grey.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=grey.device).view(1, 3, 1, 1)
+        return (grey - mean) / std
 
 
 @dataclass
@@ -160,7 +183,8 @@ def prepare_data(archive: Any, config: TrainConfig, *, progress: bool = False) -
     from xrcam.preprocess import PreprocessConfig
 
     mean, std = model_normalisation(load_model(config.model, num_classes=len(classes)))
-    pre_config = PreprocessConfig(frame_step=config.frame_step, mean=mean, std=std)
+    # frames are stored grey in [0, 1] (identity normalisation); the model's mean/std apply per batch
+    pre_config = PreprocessConfig(frame_step=config.frame_step, mean=(0.0,) * 3, std=(1.0,) * 3)
     geometry = {}  # video_id -> its detected crop and FOV
     for entry in entries:
         try:
@@ -209,12 +233,14 @@ def prepare_data(archive: Any, config: TrainConfig, *, progress: bool = False) -
         frames[split] = FrameSet(
             images=torch.cat([v for v, _ in videos]),
             labels=torch.cat([torch.full((len(v),), label, dtype=torch.int64) for v, label in videos]),
+            mean=mean,
+            std=std,
         )
     return TrainData(
         classes=classes,
         frames=frames,
         split_rows=rows,
-        preprocessing=pre_config.to_dict(),
+        preprocessing=dataclasses.replace(pre_config, mean=mean, std=std).to_dict(),
         problems=problems,
     )
 
@@ -232,7 +258,7 @@ def _detect_geometry(path: Path, pre_config: Any) -> tuple[Any, tuple[int, int],
 def _load_video(
     path: Path, config: TrainConfig, pre_config: Any, geometry: tuple[Any, tuple[int, int], Any]
 ) -> torch.Tensor:
-    """Kept frames of one video, preprocessed: (F, 3, S, S) float16."""
+    """Kept frames of one video, preprocessed without normalisation: (F, 1, S, S) float16 grey in [0, 1]."""
     from xrcam.io.readers import open_video
     from xrcam.preprocess import Preprocessor
 
@@ -247,7 +273,7 @@ def _load_video(
         raw = [frame for index, frame in reader.read(step=config.frame_step) if index in wanted]
     if not raw:
         raise XrcamInputError(path, "no frames to train on")
-    chunks = [pre(np.stack(raw[i : i + 64])).to(torch.float16) for i in range(0, len(raw), 64)]
+    chunks = [pre(np.stack(raw[i : i + 64]))[:, :1].to(torch.float16) for i in range(0, len(raw), 64)]
     return torch.cat(chunks)
 
 
@@ -261,31 +287,31 @@ def augment(
     rotation_degrees: float = 180.0,
     contrast: float = 0.2,
 ) -> torch.Tensor:
-    """Random horizontal/vertical flips, rotation and contrast, drawn per sample, batched.
+    """Random horizontal/vertical flips, rotation and contrast of grey [0, 1] frames, per sample, batched.
 
-    Works on model-normalised tensors: contrast is scaled around each channel's spatial mean, which
-    equals scaling the grey image around its mean (normalisation is affine per channel). Rotation
-    samples bilinearly with reflection padding, so no black corners appear inside the square crop.
-    Random numbers come from ``generator`` (on the CPU) so a run is reproducible on any device.
+    Rotation samples bilinearly with reflection padding, so no black corners appear inside the square
+    crop. Contrast blends each frame with its mean grey by a factor from [1 - c, 1 + c] and clips to
+    [0, 1] (as torchvision's ``adjust_contrast``). Random numbers come from ``generator`` (on the
+    CPU), so a run is reproducible on any device.
     """
     batch = images.shape[0]
 
-    def draw(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=generator).to(images.device)
+    def draw() -> torch.Tensor:
+        return torch.rand(batch, generator=generator).to(images.device)
 
-    flip_h, flip_v = draw(batch) < 0.5, draw(batch) < 0.5
+    flip_h, flip_v = draw() < 0.5, draw() < 0.5
     out = torch.where(flip_h[:, None, None, None], images.flip(-1), images)
     out = torch.where(flip_v[:, None, None, None], out.flip(-2), out)
     if rotation_degrees > 0:
-        angle = (draw(batch) * 2 - 1) * math.radians(rotation_degrees)
+        angle = (draw() * 2 - 1) * math.radians(rotation_degrees)
         cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
         theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
         grid = F.affine_grid(theta.to(out.dtype), list(out.shape), align_corners=False)
         out = F.grid_sample(out, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if contrast > 0:
-        factor = (1 + (draw(batch) * 2 - 1) * contrast).to(out.dtype)[:, None, None, None]
-        mean = out.mean(dim=(-2, -1), keepdim=True)
-        out = mean + factor * (out - mean)
+        factor = (1 + (draw() * 2 - 1) * contrast).to(out.dtype)[:, None, None, None]
+        mean = out.mean(dim=(-3, -2, -1), keepdim=True)
+        out = (mean + factor * (out - mean)).clamp(0.0, 1.0)
     return out
 
 
@@ -400,6 +426,13 @@ def fit(
             _append_metrics(out / METRICS_FILE, row)
             _save_last(out / LAST_FILE, model, optimizer, config, state, data.classes)
             log.info("epoch %d: %s", epoch, row)
+            if progress:
+                from tqdm.auto import tqdm
+
+                tqdm.write(
+                    f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.3f} | "
+                    f"val loss {val_loss:.4f} acc {val_acc:.3f}{' (best)' if improved else ''}"
+                )
         ranks.barrier()
         if on_epoch is not None:
             on_epoch(row)
@@ -474,6 +507,12 @@ def _train_epoch(
     order = order.repeat(math.ceil(per_rank * ranks.size / len(order)))[: per_rank * ranks.size]
     mine = order[ranks.rank :: ranks.size]
     aug_generator = torch.Generator().manual_seed((config.seed * 100_003 + epoch) * 1_000 + ranks.rank)
+
+    def augmentation(grey: torch.Tensor) -> torch.Tensor:
+        return augment(
+            grey, aug_generator, rotation_degrees=config.rotation_degrees, contrast=config.contrast
+        )
+
     torch.manual_seed((config.seed * 100_003 + epoch) * 1_000 + ranks.rank + 500)  # dropout
 
     model.train()
@@ -487,11 +526,8 @@ def _train_epoch(
         batches = bar
     for start in batches:
         index = mine[start : start + batch_size]
-        images = frames.images[index].to(device, torch.float32, non_blocking=True)
+        images = frames.inputs(index, device, augmentation)
         labels = frames.labels[index].to(device)
-        images = augment(
-            images, aug_generator, rotation_degrees=config.rotation_degrees, contrast=config.contrast
-        )
         logits = model(images)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -537,7 +573,7 @@ def _recalibrate_batchnorm(
         torch.randperm(len(frames), generator=generator)[:BN_FRAMES].sort().values
     )  # all, in order, if few
     for start in range(0, len(index), batch_size):
-        model(frames.images[index[start : start + batch_size]].to(device, torch.float32))
+        model(frames.inputs(index[start : start + batch_size], device))
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     model.train(was_training)
@@ -554,9 +590,8 @@ def _evaluate(
     mine = torch.arange(ranks.rank, len(frames), ranks.size)
     for start in range(0, len(mine), batch_size):
         index = mine[start : start + batch_size]
-        images = frames.images[index].to(device, torch.float32)
         labels = frames.labels[index].to(device)
-        logits = model(images)
+        logits = model(frames.inputs(index, device))
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
     model.train(was_training)
