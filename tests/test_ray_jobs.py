@@ -16,13 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+from cluster_case import XRCAM, assert_same_maps, cluster_case
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
-XRCAM = str(BIN / "xrcam")
 
 
 def _free_ports(n: int) -> list[int]:
@@ -96,37 +95,11 @@ def ray_head():
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory) -> dict:
-    import torch
-
-    from xrcam.models import load_model, save_checkpoint
-    from xrcam.synth import SynthConfig, write_archive
-
-    root = tmp_path_factory.mktemp("ray jobs case")
-    archive = root / "my archive"
-    write_archive(archive, SynthConfig(patients=1, videos=1, frames=4, size=(64, 64), seed=5))
-    torch.manual_seed(0)
-    checkpoint = save_checkpoint(load_model("resnet18", num_classes=2), root / "model.pt")
-    run_args = ["--model", "resnet18", "--checkpoint", str(checkpoint), "--methods", "gradcam,xrelevancecam"]
-    run_args += ["--workers", "1", "--batch-size", "4", "--no-progress"]
-    return {"root": root, "archive": archive, "run_args": run_args}
-
-
-def _arrays(results: Path) -> dict[str, np.ndarray]:
-    import zarr
-
-    videos = zarr.open_group(results / "maps.zarr", mode="r")["videos"]
-    return {f"{k}/{n}": np.asarray(a[...]) for k, g in videos.groups() for n, a in g.arrays()}
+    return cluster_case(tmp_path_factory)
 
 
 def test_ray_job_equals_local_run_and_status_reports_it(ray_head, case):
     address, env = ray_head
-    local = case["root"] / "local results"
-    subprocess.run(
-        [XRCAM, "run", str(case["archive"]), "--out", str(local), *case["run_args"]],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        check=True,
-    )
-
     remote = case["root"] / "ray results"
     submitted = subprocess.run(
         [XRCAM, "submit", "ray", str(case["archive"]), "--out", str(remote), "--address", address]
@@ -152,11 +125,7 @@ def test_ray_job_equals_local_run_and_status_reports_it(ray_head, case):
     assert f"{job_id}: SUCCEEDED" in status, status
     assert len(status.splitlines()) > 3, status  # the state, then the tail of the job's own log
 
-    ours, theirs = _arrays(remote), _arrays(local)
-    assert theirs and ours.keys() >= theirs.keys()
-    for name, expected in theirs.items():
-        np.testing.assert_array_equal(ours[name], expected, err_msg=name)
-    assert (remote / "summary").is_dir()  # `xrcam reduce` ran in the same job
+    assert_same_maps(remote, case["local"])  # `xrcam reduce` ran in the same job too
 
 
 def test_status_of_unknown_ray_job_is_a_clear_error(ray_head):

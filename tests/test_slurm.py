@@ -1,9 +1,9 @@
-"""`xrcam submit slurm` on a real one-node SLURM: the job's results equal a local `xrcam run`.
+"""`xrcam submit slurm` on a real SLURM started by the test: the job's maps equal a local `xrcam run`.
 
-Needs root (it installs and starts the SLURM daemons; CI runs as root). One job covers the whole
-path: the rendered script, a private Ray started by the job, `xrcam run` + `xrcam reduce` through it,
-the time-limit warning that stops and requeues it, the resumed second start, and the teardown that
-leaves none of that job's processes behind.
+Needs root (it installs and starts the SLURM daemons; CI runs as root). Two jobs cover the paths:
+a one-node job warned of its time limit mid-run, which stops its run and its own Ray, requeues
+itself and resumes; and a two-node job with Ray across both nodes. Both must leave none of their
+Ray processes behind.
 """
 
 from __future__ import annotations
@@ -11,48 +11,18 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+from cluster_case import XRCAM, assert_same_maps, cluster_case
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-XRCAM = str(Path(sys.executable).parent / "xrcam")
 
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory) -> dict:
-    """A tiny archive (in a folder with a space), seeded weights and the options both runs share."""
-    import torch
-
-    from xrcam.models import load_model, save_checkpoint
-    from xrcam.synth import SynthConfig, write_archive
-
-    root = tmp_path_factory.mktemp("slurm case")
-    archive = root / "my archive"
-    write_archive(archive, SynthConfig(patients=1, videos=1, frames=4, size=(64, 64), seed=3))
-    torch.manual_seed(0)
-    checkpoint = save_checkpoint(load_model("resnet18", num_classes=2), root / "model.pt")
-    run_args = ["--model", "resnet18", "--checkpoint", str(checkpoint), "--methods", "gradcam,xrelevancecam"]
-    run_args += ["--workers", "1", "--batch-size", "4", "--no-progress"]
-    local = root / "local results"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([XRCAM, "run", str(archive), "--out", str(local), *run_args], env=env, check=True)
-    return {"root": root, "archive": archive, "run_args": run_args, "local": _arrays(local)}
-
-
-def _arrays(results: Path) -> dict[str, np.ndarray]:
-    import zarr
-
-    videos = zarr.open_group(results / "maps.zarr", mode="r")["videos"]
-    return {
-        f"{key}/{name}": np.asarray(array[...])
-        for key, group in videos.groups()
-        for name, array in group.arrays()
-    }
+    return cluster_case(tmp_path_factory)
 
 
 def _own_processes(tag: str) -> list[int]:
@@ -121,7 +91,7 @@ def test_slurm_job_requeues_resumes_equals_local_run_and_cleans_up(case):
         status = subprocess.run([XRCAM, "status", job_id], env=slurm_env, capture_output=True, text=True)
         assert status.returncode == 0 and "COMPLETED" in status.stdout, status.stdout + status.stderr
 
-    _assert_equal_to_local_run(remote, case["local"])
+    assert_same_maps(remote, case["local"])
     # the job stopped its own Ray: no process carries its tag, its temp dir is gone
     assert _own_processes(tag) == []
     assert not Path(f"/tmp/{tag}").exists()
@@ -154,14 +124,5 @@ def test_two_node_job_runs_ray_across_both_nodes(case):
         addresses = set(re.findall(r"Local node IP.*?(\d+\.\d+\.\d+\.\d+)", output))
         assert len(addresses) == 2 and "127.0.0.1" not in addresses, output
         assert "with 2 workers" in output, output
-    _assert_equal_to_local_run(remote, case["local"])
+    assert_same_maps(remote, case["local"])
     assert _own_processes(f"xrcam-ray-{job_id}") == []
-
-
-def _assert_equal_to_local_run(remote: Path, local: dict[str, np.ndarray]) -> None:
-    ours = _arrays(remote)
-    assert local and ours.keys() >= local.keys()
-    for name, expected in local.items():
-        np.testing.assert_array_equal(ours[name], expected, err_msg=name)
-    assert any(name.split("/")[1].startswith("agg_") for name in ours)  # `xrcam reduce` ran in the job too
-    assert (remote / "summary").is_dir()

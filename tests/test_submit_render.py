@@ -72,11 +72,13 @@ def test_rendered_script_is_valid_bash_with_spaces_and_quotes_in_paths(tmp_path)
     script.write_text(render_sbatch(job))
     subprocess.run(["bash", "-n", str(script)], check=True)
     out = _bash(
-        script, 'printf "%s\\n" "$XRCAM_ARCHIVE" "$XRCAM_RESULTS" "$XRCAM_BIN" "${XRCAM_RUN_ARGS[@]}"'
+        script,
+        'printf "%s\\n" "$XRCAM_ARCHIVE" "$XRCAM_RESULTS" "$XRCAM_LOG_DIR" "$XRCAM_BIN" "${XRCAM_RUN_ARGS[@]}"',
     )
     assert out.splitlines() == [
         str(tmp_path / f"arch {ODD}"),
         str(tmp_path / f"res {ODD}" / "out"),
+        str(tmp_path / "logs here"),
         str(default_bin_dir()),
         "--model",
         "resnet18",
@@ -167,6 +169,8 @@ def test_requeue_asks_slurm_to_requeue_and_to_warn_before_the_time_limit(tmp_pat
 def test_bad_extra_sbatch_and_missing_environment_are_refused(tmp_path):
     with pytest.raises(SubmitError, match="one sbatch option"):
         render_sbatch(_job(tmp_path, extra_sbatch=["mem=4G"]))
+    with pytest.raises(SubmitError, match="without '/'"):
+        render_sbatch(_job(tmp_path, job_name="a/b"))
     with pytest.raises(SubmitError, match="--venv"):
         render_sbatch(_job(tmp_path, bin_dir=tmp_path))
 

@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ __all__ = [
 TEMPLATE = "slurm.sbatch"
 # seconds before the time limit at which SLURM warns the batch shell (USR1) when --requeue is on
 REQUEUE_WARNING_S = 180
+# how long `xrcam submit ray` waits for a just-started cluster's job agent
+AGENT_WAIT_S = 120
 _PLACEHOLDER = re.compile(r"\{\{ (\w+) \}\}")
 
 
@@ -99,6 +102,10 @@ def _directive_value(name: str, value: str) -> str:
 
 
 def _directives(job: SlurmJob) -> list[str]:
+    if not job.job_name or "/" in job.job_name:
+        raise SubmitError(
+            f"--job-name {job.job_name!r}: give a non-empty name without '/'; it names the log file"
+        )
     if "%" in str(job.log_dir):
         raise SubmitError(f"{job.log_dir}: '%' is a SLURM file-name pattern; pick a log folder without it")
     lines = [
@@ -140,6 +147,7 @@ def render_sbatch(job: SlurmJob) -> str:
         "bin_dir": shlex.quote(str(job.bin_dir)),
         "archive": shlex.quote(str(job.archive)),
         "results": shlex.quote(str(job.results)),
+        "log_dir": shlex.quote(str(job.log_dir)),
         "run_args": " ".join(shlex.quote(a) for a in job.run_args),
         "reduce": str(int(job.reduce)),
         "requeue": str(int(job.requeue)),
@@ -186,7 +194,17 @@ def submit_ray_job(
 
     client = _ray_client(address, JobSubmissionClient)
     submission_id = f"{job_name}-{uuid.uuid4().hex[:8]}"
-    return client.submit_job(entrypoint=entrypoint, submission_id=submission_id, metadata=metadata or {})
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint, submission_id=submission_id, metadata=metadata or {}
+            )
+        except RuntimeError as exc:
+            # a freshly started cluster serves the Jobs API before its job agent has registered
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise SubmitError(f"the Ray cluster at {address} refused the job: {exc}") from None
+            time.sleep(3)
 
 
 def _ray_client(address: str, client_cls):
