@@ -86,7 +86,7 @@ def _print_summary(summary) -> None:
     click.echo(
         f"\n{summary.videos} videos ({summary.videos_complete} complete), {summary.frames} frames; "
         f"this run explained {summary.frames_processed} frames in {summary.shards_processed} shards "
-        f"({summary.shards_skipped} already done) with {summary.workers} workers in {summary.seconds:.0f} s"
+        f"({summary.shards_skipped} already done) with {summary.workers} worker(s) in {summary.seconds:.0f} s"
         + (f", {summary.worker_restarts} worker restarts" if summary.worker_restarts else "")
         + "."
     )
