@@ -63,6 +63,21 @@ def test_split_puts_every_patient_in_exactly_one_set(archive, data, tmp_path):
     assert "PID-" not in text and "patient_id" not in text
 
 
+def test_a_video_without_field_of_view_is_skipped_and_reported(archive, tmp_path):
+    import shutil
+
+    from xrcam.io.mkt import write_mkt
+
+    root = tmp_path / "archive"
+    shutil.copytree(archive, root)
+    black = root / "glioblastoma" / "P04" / "black.mkt"  # a train patient
+    write_mkt(black, np.zeros((4, 64, 64), dtype=np.uint16))
+    data = prepare_data(root, TrainConfig(**TINY))
+    assert any(str(black) in problem and "field of view" in problem for problem in data.problems)
+    assert "glioblastoma/P04/black.mkt" not in {r["video_id"] for r in data.split_rows}
+    assert sum(len(f) for f in data.frames.values()) == 24  # the six good videos, 4 kept frames each
+
+
 def test_early_stopping_stops_when_validation_cannot_improve(data, tmp_path):
     # lr=0: the weights never change, so validation is identical every epoch after the first
     result = fit(

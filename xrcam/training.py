@@ -2,10 +2,12 @@
 
 Why it looks like this:
 
-* Frames are read and preprocessed **once** into an in-memory tensor set (every ``frame_step``-th frame,
-  cropped to the FOV square, optionally resized): decoding and FOV detection are then off the training
-  loop, so an epoch is pure tensor work and fast on CPU.
+* Frames are read and preprocessed **once** into an in-memory grey float16 tensor set (every
+  ``frame_step``-th frame, cropped to the FOV square, resized to one common size): decoding and FOV
+  detection are then off the training loop, so an epoch is pure tensor work and fast on CPU.
 * Augmentation is batched torch on those tensors (flips, rotation, contrast — the paper's only four).
+* Batch-norm statistics are recomputed after every epoch (see :func:`_recalibrate_batchnorm`), so
+  validation judges the weights rather than lagging running averages.
 * One loop serves one process and data-parallel training: when ``torch.distributed`` is initialised
   (Ray Train does that in ``workflows/train_ray.py``), the model is wrapped in DDP, each rank takes its
   share of every batch and the metrics are summed over ranks. This module never imports Ray.
@@ -51,7 +53,6 @@ __all__ = [
     "augment",
     "prepare_data",
     "fit",
-    "train",
     "read_result",
 ]
 
@@ -467,20 +468,6 @@ def read_result(out_dir: str | Path) -> TrainResult:
         out_dir=Path(out_dir),
         checkpoint=checkpoint,
         **{f.name: metrics[f.name] for f in dataclasses.fields(TrainResult) if f.name in metrics},
-    )
-
-
-def train(
-    archive: Any,
-    out_dir: str | Path,
-    config: TrainConfig,
-    *,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    """Single-process training: :func:`prepare_data` then :func:`fit`."""
-    return fit(
-        prepare_data(archive, config, progress=progress), out_dir, config, device=device, progress=progress
     )
 
 
