@@ -205,6 +205,11 @@ def test_rerun_is_idempotent_and_replaces_outputs(results):
     assert len(third) == len(first)
     assert third["mask_area"].sum() < first["mask_area"].sum()
     assert ResultStore.open(results).video(key)[mask_name("gradcam", "4+3")].attrs["threshold"] == "fraction"
+    # fewer layer sets: the arrays of the dropped set go too
+    reduce_results(results, ReduceSettings(layer_sets=("4",)), workers=0)
+    names = set(ResultStore.open(results).video(key).array_keys())
+    assert mask_name("gradcam", "4") in names
+    assert not {n for n in names if n.startswith(("agg_", "mask_")) and n.endswith("4-3")}
     assert not list(results.glob(".*tmp")) and not list(results.glob(".*old"))
 
 

@@ -168,7 +168,16 @@ def _codec(dtype: str):
 def _create_outputs(
     group, methods: Sequence[str], settings: ReduceSettings, frames: int, size: int, chunk: int
 ):
-    """(Re)create the reduction arrays of one video; returns ``{(kind, method, set): array}``."""
+    """(Re)create the reduction arrays of one video; returns ``{(kind, method, set): array}``.
+
+    Arrays of an earlier reduction with other layer sets are deleted, so the group holds exactly
+    what the recorded settings describe.
+    """
+    wanted = {mask_name(m, s) for m in methods for s in settings.layer_sets}
+    wanted |= {agg_name(m, s) for m in methods for s in settings.layer_sets if "+" in s}
+    for name in list(group.array_keys()):
+        if name.startswith(("agg_", "mask_")) and name not in wanted:
+            del group[name]
     arrays = {}
     rule, fraction = parse_threshold(settings.threshold)
     for method in methods:
