@@ -252,6 +252,14 @@ def test_layer_set_needing_an_unexplained_layer_is_refused(results):
     key = ResultStore.open(results).video_keys()[0]
     with pytest.raises(XrcamConfigError, match="layer5"):
         reduce_video(results, key, ReduceSettings(layer_sets=("5",)))
+    with pytest.raises(XrcamConfigError, match="layer5"):
+        reduce_results(results, ReduceSettings(layer_sets=("4", "5")), workers=0)
+
+
+def test_settings_are_recorded_in_canonical_form():
+    settings = ReduceSettings(layer_sets=("layer4+layer3", "4"), threshold="FRACTION:0.25")
+    assert settings.layer_sets == ("4+3", "4") and settings.threshold == "fraction:0.25"
+    assert ReduceSettings(threshold="meanstd").threshold == "mean+std"
 
 
 def test_cli_reduce_in_process(results):

@@ -108,7 +108,8 @@ class ReduceSettings:
         if not sets or len(set(sets)) != len(sets):
             raise XrcamConfigError(f"layer sets must be given once each, got {list(self.layer_sets)}")
         object.__setattr__(self, "layer_sets", sets)
-        parse_threshold(self.threshold)
+        rule, fraction = parse_threshold(self.threshold)
+        object.__setattr__(self, "threshold", f"fraction:{fraction:g}" if rule == "fraction" else rule)
         if self.chunk_frames is not None and self.chunk_frames < 1:
             raise XrcamConfigError(f"chunk_frames must be a positive integer, got {self.chunk_frames}")
 
@@ -220,6 +221,20 @@ def _return_large_buffers_to_the_os() -> None:
         pass
 
 
+def _layers_needed(store, settings: ReduceSettings) -> list[str]:
+    """The explained layers the layer sets use, in store order; an error names any that were not run."""
+    from xrcam.postprocess import parse_layer_set
+
+    needed = {layer for s in settings.layer_sets for layer in parse_layer_set(s)}
+    missing = sorted(needed - set(store.layers))
+    if missing:
+        raise XrcamConfigError(
+            f"{store.root}: layer sets {list(settings.layer_sets)} need {missing}, but the run explained only "
+            f"{store.layers}; drop those sets (--layer-sets) or rerun `xrcam run` with those layers"
+        )
+    return [layer for layer in store.layers if layer in needed]
+
+
 def reduce_video(
     results: str | Path,
     key: str,
@@ -235,7 +250,7 @@ def reduce_video(
     import torch
 
     from workflows.store import ResultStore, map_name
-    from xrcam.postprocess import aggregate, iou, make_masks, normalize, parse_layer_set
+    from xrcam.postprocess import aggregate, iou, make_masks, normalize
 
     if not isinstance(settings, ReduceSettings):
         settings = ReduceSettings(**{**settings, "layer_sets": tuple(settings["layer_sets"])})
@@ -248,14 +263,7 @@ def reduce_video(
         raise XrcamConfigError(f"{store.root}: no video group {key!r} in {store.root / 'maps.zarr'}")
     attrs = group.attrs.asdict()
     methods, classes = store.methods, list(store.settings.get("classes") or [])
-    needed = {layer for s in settings.layer_sets for layer in parse_layer_set(s)}
-    missing = sorted(needed - set(store.layers))
-    if missing:
-        raise XrcamConfigError(
-            f"{store.root}: layer sets {list(settings.layer_sets)} need {missing}, but the run explained only "
-            f"{store.layers}; drop those sets (--layer-sets) or rerun `xrcam run` with those layers"
-        )
-    layers = [layer for layer in store.layers if layer in needed]
+    layers = _layers_needed(store, settings)
     rule, fraction = parse_threshold(settings.threshold)
     frames, size = group["gt_mask"].shape[0], group["gt_mask"].shape[1]
     chunk = settings.chunk_frames or store.chunk_frames
@@ -494,6 +502,7 @@ def reduce_results(
     results = Path(results)
     settings = settings or ReduceSettings()
     store = ResultStore.open(results)
+    _layers_needed(store, settings)  # a wrong layer set is one clear error, not a failure per video
     keys = store.video_keys()
     complete = [k for k in keys if store.video(k).attrs.get("complete")]
     incomplete = sorted(set(keys) - set(complete))
