@@ -14,40 +14,20 @@ import click
 
 from xrcam import __version__
 
-# name -> module under workflows.commands that defines a click command called ``command``
-COMMANDS = {
-    "synth": "synth",
-    "demo": "demo",
-    "run": "run",
-    "reduce": "reduce",
-    "report": "report",
-    "evaluate": "evaluate",
-    "train": "train",
-    "submit": "submit",
-    "status": "status",
-}
+# sub-command name == module under workflows.commands defining a click command called ``command``
+COMMANDS = ("synth", "train", "run", "reduce", "report", "evaluate", "submit", "status", "demo")
 
 
 class LazyGroup(click.Group):
     """A group whose sub-commands are imported on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [name for name in COMMANDS if self._module(name) is not None]
+        return list(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        module = self._module(cmd_name)
-        return None if module is None else module.command
-
-    @staticmethod
-    def _module(name: str):
-        if name not in COMMANDS:
+        if cmd_name not in COMMANDS:
             return None
-        try:
-            return importlib.import_module(f"workflows.commands.{COMMANDS[name]}")
-        except ModuleNotFoundError as exc:  # a command not built yet is simply not listed
-            if exc.name == f"workflows.commands.{COMMANDS[name]}":
-                return None
-            raise
+        return importlib.import_module(f"workflows.commands.{cmd_name}").command
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
