@@ -73,7 +73,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--peak-batch", type=int, default=32)
+    parser.add_argument("--peak-batch", type=int, default=32, help="0 skips the peak-memory runs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--peak", choices=("plain", "xrelcam", "all7"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -83,7 +83,7 @@ def main() -> None:
 
     # Peaks first, while this process is still small: Linux carries a parent's peak RSS into its children.
     peaks = {}
-    for kind in ("plain", "xrelcam", "all7"):
+    for kind in ("plain", "xrelcam", "all7") if args.peak_batch else ():
         cmd = [
             sys.executable,
             __file__,
