@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from workflows.reduce import axiom_table
 from workflows.settings import RunSettings
 from xrcam.errors import XrcamConfigError
 
@@ -249,7 +250,7 @@ def evaluate(
         echo("no annotated frames in the selected videos: mIoU tables are left out")
     if samples and options.axioms:
         tables["axioms"] = _axioms(model, samples, methods, layers, run, options, device, echo)
-        tables["table4_axioms"] = _axiom_table(tables["axioms"], methods, layers)
+        tables["table4_axioms"] = axiom_table(tables["axioms"], layers)
     if samples and options.sanity:
         tables["sanity"] = _sanity(model, samples, methods, layers, run, options, device, echo)
     return tables
@@ -399,23 +400,6 @@ def _axioms(model, samples, methods, layers, run, options, device, echo):
                         }
                     )
     return pd.DataFrame.from_records(records)
-
-
-def _axiom_table(axioms, methods, layers):
-    """The paper's Table 4: rows (method, axiom), one column per layer plus the average (lower is better)."""
-    long = axioms.melt(
-        id_vars=["method", "layer"],
-        value_vars=["conservation", "sensitivity"],
-        var_name="axiom",
-        value_name="value",
-    )
-    wide = long.pivot_table(
-        index=["method", "axiom"], columns="layer", values="value", aggfunc="mean", sort=False
-    )
-    wide = wide.reindex(columns=list(layers))
-    wide.columns = [f"layer {c.removeprefix('layer')}" for c in layers]
-    wide["average"] = wide.mean(axis=1)
-    return wide.reset_index()
 
 
 def _sanity(model, samples, methods, layers, run, options, device, echo):

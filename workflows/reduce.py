@@ -37,6 +37,7 @@ from xrcam.errors import XrcamConfigError
 
 __all__ = [
     "DEFAULT_LAYER_SETS",
+    "axiom_table",
     "METRICS_DIR",
     "SUMMARY_DIR",
     "REDUCE_NAME",
@@ -645,11 +646,32 @@ def _paper_table(long, layer_sets: Sequence[str], model: str, *, average: bool):
     return pd.DataFrame(out)
 
 
-def _axiom_table(results: Path):
-    """Table 4 from ``RESULTS/axioms.parquet`` (written by ``xrcam evaluate``), or None when absent.
+def axiom_table(axioms, layers=None):
+    """The paper's Table 4: rows (method, axiom), one column per layer plus the average (lower is better).
 
-    Accepts per-frame or already averaged rows with ``method, layer, conservation, sensitivity``.
+    ``axioms`` holds per-frame or already averaged rows ``method, layer, conservation, sensitivity``;
+    ``layers`` fixes the column order (default: layer1, layer2, ... as found).
     """
+    import pandas as pd
+
+    long = axioms.melt(
+        id_vars=["method", "layer"],
+        value_vars=["conservation", "sensitivity"],
+        var_name="axiom",
+        value_name="value",
+    )
+    wide = long.pivot_table(
+        index=["method", "axiom"], columns="layer", values="value", aggfunc="mean", sort=False
+    )
+    layers = list(layers) if layers is not None else sorted(wide.columns, key=lambda name: (len(name), name))
+    wide = wide.reindex(columns=layers)
+    wide.columns = [_layer_label(str(c).removeprefix("layer")) for c in layers]
+    wide["average"] = wide.mean(axis=1)
+    return pd.DataFrame(wide.reset_index())
+
+
+def _read_axiom_table(results: Path):
+    """Table 4 from ``RESULTS/axioms.parquet`` (written by ``xrcam evaluate``), or None when absent."""
     path = results / AXIOMS_NAME
     if not path.exists():
         return None
@@ -660,20 +682,7 @@ def _axiom_table(results: Path):
     if not needed <= set(df.columns):
         log.warning("%s lacks columns %s; Table 4 is left out", path, sorted(needed - set(df.columns)))
         return None
-    long = df.melt(
-        id_vars=["method", "layer"],
-        value_vars=["conservation", "sensitivity"],
-        var_name="axiom",
-        value_name="value",
-    )
-    wide = long.pivot_table(
-        index=["method", "axiom"], columns="layer", values="value", aggfunc="mean", sort=False
-    )
-    layers = sorted(wide.columns, key=lambda name: (len(name), name))
-    wide = wide[layers]
-    wide.columns = [_layer_label(str(c).removeprefix("layer")) for c in layers]
-    wide["average"] = wide.mean(axis=1)
-    return pd.DataFrame(wide.reset_index())
+    return axiom_table(df)
 
 
 def _accuracy_tables(results: Path, method: str, layer_set: str):
@@ -718,7 +727,7 @@ def summarise(results: str | Path) -> dict[str, Path]:
     table2_sets = [s for s in layer_sets if s == "4" or "+" in s]
     if table2_sets:
         frames["table2_layerset_miou"] = _paper_table(long, table2_sets, model, average=False)
-    axioms = _axiom_table(results)
+    axioms = _read_axiom_table(results)
     if axioms is not None:
         frames["table4_axioms"] = axioms
     if methods and layer_sets:
