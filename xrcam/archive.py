@@ -118,17 +118,8 @@ def _walk_layout(root: Path, archive: Archive) -> list[VideoEntry]:
                 continue
             loose = []
             for item in sorted(p for p in patient_dir.iterdir() if not p.name.startswith(".")):
-                if item.is_dir() and not item.name.endswith(MASKS_SUFFIX):
-                    entries.append(
-                        VideoEntry(
-                            _video_id(item, root),
-                            item,
-                            patient_dir.name,
-                            class_dir.name,
-                            _masks_sibling(item),
-                        )
-                    )
-                elif item.is_file() and item.suffix.lower() in VIDEO_SUFFIXES:
+                is_frame_folder = item.is_dir() and not item.name.endswith(MASKS_SUFFIX)
+                if is_frame_folder or (item.is_file() and item.suffix.lower() in VIDEO_SUFFIXES):
                     entries.append(
                         VideoEntry(
                             _video_id(item, root),

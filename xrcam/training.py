@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xrcam.archive import SPLITS
 from xrcam.errors import XrcamConfigError, XrcamInputError
 
 __all__ = [
@@ -58,7 +59,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 MODEL_FILE, LAST_FILE, METRICS_FILE, SPLIT_FILE = "model.pt", "last.pt", "metrics.csv", "split.csv"
 METRIC_COLUMNS = (
     "epoch",
