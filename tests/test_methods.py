@@ -170,9 +170,10 @@ def test_activations_are_returned_on_request():
         ("resnet18", torch.float64, 1e-10),
         ("skresnet18", torch.float64, 1e-10),
         ("resnet18", torch.float32, 1e-5),
-        # float32 SK-ResNet gradients at layer1 cancel strongly on random weights: batched and single convs
-        # round differently by up to ~1e-3 of the map's max; float64 above shows no cross-sample coupling.
-        pytest.param("skresnet18", torch.float32, 1e-5, marks=pytest.mark.xfail(strict=True)),
+        # float32 SK-ResNet gradients at layer1 cancel strongly on random weights, and with one torch thread
+        # the CPU picks other conv kernels for batch 1 than for batch 8: measured up to 9e-4 of the map's
+        # max (5e-6 with two threads). float64 above shows there is no cross-sample coupling at all.
+        ("skresnet18", torch.float32, 2e-3),
     ],
 )
 def test_batch_of_eight_equals_one_image_at_a_time(name, dtype, tolerance):
