@@ -15,16 +15,8 @@ Prints measured numbers (best of ``--repeat`` runs); asserts nothing.
 from __future__ import annotations
 
 import argparse
-import time
 
-
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from timing import best
 
 
 def main() -> None:
