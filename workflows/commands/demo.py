@@ -40,7 +40,7 @@ def command(out: Path, model: str, epochs: int, workers: int) -> None:
     the classifier's test accuracy and where the HTML report is. Running it again resumes every
     step instead of recomputing it.
 
-    Example: xrcam demo demo-output --epochs 4
+    Example: xrcam demo demo-output --epochs 8
     """
     from workflows.cli import main
 
