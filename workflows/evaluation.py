@@ -144,15 +144,12 @@ def _read(plan: _Frames, run: RunSettings, batch_size: int) -> Iterator[tuple[li
     """Yield ``(indices, images, gt_masks)`` batches of the planned frames (empty masks where none)."""
     from xrcam.archive import load_masks
     from xrcam.io.readers import open_video
-    from xrcam.preprocess import PreprocessConfig, Preprocessor
+    from xrcam.preprocess import Preprocessor
 
     wanted = set(plan.scored) | set(plan.sampled)
     masks = load_masks(plan.entry) if plan.scored else {}
-    fields = set(PreprocessConfig.__dataclass_fields__) - {"frame_step", "crop"}
-    extra = {k: (tuple(v) if isinstance(v, list) else v) for k, v in run.preprocessing.items() if k in fields}
-    config = PreprocessConfig(frame_step=run.frame_step, crop=run.crop and _crop(run.crop), **extra)
     with open_video(plan.entry.path) as reader:
-        pre = Preprocessor.for_video(reader, config)
+        pre = Preprocessor.for_video(reader, run.preprocess_config())
         batch: list[tuple[int, np.ndarray]] = []
         for index, frame in reader.read(start=0, stop=max(wanted) + 1, step=run.frame_step):
             if index in wanted:
@@ -162,12 +159,6 @@ def _read(plan: _Frames, run: RunSettings, batch_size: int) -> Iterator[tuple[li
                 batch = []
         if batch:
             yield _batch(pre, batch, masks)
-
-
-def _crop(crop: tuple[int, int, int]):
-    from xrcam.preprocess import Crop
-
-    return Crop(*crop)
 
 
 def _batch(pre, batch: list[tuple[int, np.ndarray]], masks: dict[int, np.ndarray]):
