@@ -53,18 +53,18 @@ def command(out: Path, model: str, epochs: int, workers: int) -> None:
 
 
 def _print_summary(out: Path) -> None:
-    import pandas as pd
+    from workflows.commands.reduce import echo_tables
 
     results = out / "results"
     click.secho("\n=== Demo summary ===", bold=True)
-    for title, name in (
-        ("Table 1: mIoU (%) per layer, test patients", "table1_layer_miou"),
-        ("Table 2: mIoU (%) per layer set, test patients", "table2_layerset_miou"),
-    ):
-        path = results / "summary" / f"{name}.parquet"
-        click.secho(f"\n{title} ({path})", bold=True)
-        with pd.option_context("display.width", 140, "display.precision", 2):
-            click.echo(pd.read_parquet(path).to_string(index=False))
+    echo_tables(
+        {
+            "Table 1: mIoU (%) per layer, test patients": results / "summary" / "table1_layer_miou.parquet",
+            "Table 2: mIoU (%) per layer set, test patients": results
+            / "summary"
+            / "table2_layerset_miou.parquet",
+        }
+    )
     sidecar = json.loads((out / "checkpoint" / "model.pt.json").read_text())
     click.echo(f"\nClassifier test accuracy: {sidecar['metrics']['test_accuracy']:.1%}")
     click.echo(f"Report: {results / 'report.html'}")

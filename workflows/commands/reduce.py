@@ -91,7 +91,6 @@ def command(
 
 
 def _print_summary(results: Path, summary: dict) -> None:
-    import pandas as pd
 
     click.echo(f"Reduced {summary['videos']} video(s) into {summary['rows']} rows: {results / 'metrics'}")
     for failure in summary["failed_videos"]:
@@ -100,9 +99,17 @@ def _print_summary(results: Path, summary: dict) -> None:
         click.echo(
             f"Left out {len(summary['incomplete_videos'])} incomplete video(s); resume `xrcam run` and reduce again."
         )
-    for name in ("table1_layer_miou", "table2_layerset_miou", "table4_axioms"):
-        path = summary["summary_tables"].get(name)
-        if path:
-            click.secho(f"\n{name} ({path})", bold=True)
-            with pd.option_context("display.width", 140, "display.precision", 2):
-                click.echo(pd.read_parquet(path).to_string(index=False))
+    names = ("table1_layer_miou", "table2_layerset_miou", "table4_axioms")
+    echo_tables(
+        {name: summary["summary_tables"][name] for name in names if summary["summary_tables"].get(name)}
+    )
+
+
+def echo_tables(tables: dict[str, Path]) -> None:
+    """Print summary tables read back from their Parquet files, each under its title and path."""
+    import pandas as pd
+
+    for title, path in tables.items():
+        click.secho(f"\n{title} ({path})", bold=True)
+        with pd.option_context("display.width", 140, "display.precision", 2):
+            click.echo(pd.read_parquet(path).to_string(index=False))
