@@ -144,3 +144,19 @@ def test_unreadable_and_missing_checkpoints(tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
     with pytest.raises(XrcamCheckpointError, match="expected a state_dict"):
         xrcam.load_model("resnet18", checkpoint=tmp_path / "list.pt")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "skresnext50_32x4d"])
+def test_stage_names_read_from_the_model_input_side_first(name):
+    import timm
+
+    from xrcam.models import stage_names
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=2)
+    assert stage_names(model) == ("layer1", "layer2", "layer3", "layer4")
+    plain = nn.Sequential()
+    plain.add_module("layer2", nn.Identity())
+    plain.add_module("layer10", nn.Identity())
+    plain.add_module("fc", nn.Identity())
+    assert stage_names(plain) == ("layer2", "layer10")

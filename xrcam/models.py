@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from xrcam.errors import XrcamCheckpointError, XrcamConfigError
 __all__ = [
     "SUPPORTED_MODELS",
     "STAGES",
+    "stage_names",
     "load_model",
     "add_stage_dropout",
     "model_normalisation",
@@ -51,13 +53,33 @@ SUPPORTED_MODELS = (
     "skresnet34",
 )
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+_STAGE_NAME = re.compile(r"^layer\d+$")
+
+
+def stage_names(model: nn.Module) -> tuple[str, ...]:
+    """The explainable stages of ``model`` (its ``layerN`` residual stages), input side first.
+
+    Read from timm's ``feature_info`` when the model has one (the stem ``act1`` is not a stage),
+    else from its top-level ``layerN`` children. Works on a model built on the meta device.
+    """
+    info = getattr(model, "feature_info", None)
+    names: list[str] = []
+    if info is not None:
+        try:
+            names = [entry["module"] for entry in info]
+        except (TypeError, KeyError):
+            names = list(info.module_name()) if hasattr(info, "module_name") else []
+    if not names:
+        names = [name for name, _ in model.named_children()]
+    stages = [name for name in names if _STAGE_NAME.match(name)]
+    return tuple(sorted(dict.fromkeys(stages), key=lambda name: int(name[5:])))
 
 
 def add_stage_dropout(model: nn.Module, p: float) -> nn.Module:
     """Append ``nn.Dropout(p)`` to each stage in place (parameter-free: the state_dict keys do not change)."""
     if not 0.0 < p < 1.0:
         raise XrcamConfigError(f"dropout must lie strictly between 0 and 1, got {p}")
-    for name in STAGES:
+    for name in stage_names(model):
         stage = model.get_submodule(name)
         if not isinstance(stage, nn.Sequential):
             raise XrcamConfigError(f"stage {name} of {type(model).__name__} is not an nn.Sequential")
