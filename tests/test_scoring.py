@@ -1,4 +1,4 @@
-"""Post-processing of maps: normalisation, layer aggregation, thresholds, masks and IoU (SPEC §5)."""
+"""The scoring core: normalisation, layer aggregation, thresholds, masks, IoU, batched scoring (SPEC §5)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from xrcam.errors import XrcamConfigError
-from xrcam.postprocess import (
+from xrcam.scoring import (
     STANDARD_LAYER_SETS,
     aggregate,
     default_relu,
@@ -192,3 +192,98 @@ def test_family_defaults_cover_the_registered_methods():
 
     assert set(xrcam.list_methods("relevance")) == {m for m in xrcam.list_methods() if not default_relu(m)}
     assert set(xrcam.list_methods("gradient")) == {m for m in xrcam.list_methods() if default_relu(m)}
+
+
+def _raw_batch(seed=0, methods=("gradcam", "xrelevancecam"), batch=3):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"layer1": (8, 8), "layer2": (4, 4), "layer3": (2, 2), "layer4": (1, 1)}
+    shapes["layer4"] = (2, 2)
+    return {m: {layer: torch.randn(batch, *s, generator=g) for layer, s in shapes.items()} for m in methods}
+
+
+@pytest.mark.parametrize("threshold", ["mean+std", "fraction:0.4", "otsu"])
+def test_score_batch_equals_the_per_method_steps(threshold):
+    from xrcam.scoring import parse_threshold, score_batch
+
+    raw = _raw_batch()
+    gt = torch.zeros(3, 32, 32, dtype=torch.bool)
+    gt[:, 8:20, 10:24] = True
+    sets = ["1", "4", "4+3", "4+3+2+1"]
+    scores = score_batch(raw, size=32, layer_sets=sets, gt=gt, threshold=threshold, keep_maps=True)
+    rule, fraction = parse_threshold(threshold)
+    assert scores.iou.shape == (4, 2, 3) and scores.methods == ["gradcam", "xrelevancecam"]
+    for m, method in enumerate(raw):
+        norm = {layer: normalize(x, 32, method=method) for layer, x in raw[method].items()}
+        for k, layer_set in enumerate(sets):
+            agg = aggregate(norm, layer_set)
+            masks = make_masks(agg, rule, fraction=fraction)
+            assert torch.equal(scores.maps[k, m], agg)
+            assert torch.equal(scores.masks[k, m], masks)
+            torch.testing.assert_close(scores.iou[k, m], iou(masks, gt), equal_nan=True)
+            assert scores.mask_area[k, m].tolist() == masks.flatten(1).sum(1).tolist()
+
+
+def test_inverted_rows_score_the_negated_map_without_relu():
+    from xrcam.scoring import score_batch
+
+    raw = _raw_batch(methods=("xrelevancecam",))
+    gt = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1)) > 0.6
+    scores = score_batch(raw, size=16, layer_sets=["4+3"], gt=gt, inverted=["xrelevancecam"])
+    assert scores.methods == ["xrelevancecam", "inverted_xrelevancecam"]
+    negated = {"xrelevancecam": {layer: -x for layer, x in raw["xrelevancecam"].items()}}
+    expected = score_batch(negated, size=16, layer_sets=["4+3"], gt=gt)
+    torch.testing.assert_close(scores.iou[:, 1], expected.iou[:, 0], equal_nan=True)
+    assert not torch.equal(scores.iou[:, 0], scores.iou[:, 1])
+
+
+def test_agreement_with_itself_is_perfect_and_differs_for_another_method():
+    from xrcam.scoring import score_batch
+
+    raw = _raw_batch(methods=("gradcam", "xrelevancecam"), batch=4)
+    scores = score_batch(raw, size=16, layer_sets=["4+3+2+1"], agreement_with="xrelevancecam")
+    assert torch.allclose(scores.agreement["rank_corr"][:, 1], torch.ones(1, 4))
+    assert torch.all(scores.agreement["mask_iou"][:, 1] == 1)
+    assert (scores.agreement["rank_corr"][:, 0] < 0.999).all()
+
+
+def test_rank_correlation_of_a_monotone_transform_is_one_and_of_the_reverse_minus_one():
+    from xrcam.scoring import rank_correlation
+
+    a = torch.rand(2, 20, 20, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(rank_correlation(a, a.exp(), grid=None), torch.ones(2))
+    torch.testing.assert_close(rank_correlation(a, -a, grid=None), -torch.ones(2))
+    assert torch.isnan(rank_correlation(torch.zeros(1, 5, 5), a[:1, :5, :5], grid=None)).all()
+
+
+def test_reference_rows_go_through_the_same_steps(monkeypatch):
+    """References come from xrcam.references (interface 6); here a stand-in with the same signature."""
+    import sys
+    import types
+
+    from xrcam.scoring import score_batch
+
+    def reference_map(name, *, gt, frames, shape, generator=None):
+        if name == "oracle":
+            return F.adaptive_avg_pool2d(gt[:, None].float(), shape)[:, 0]
+        return torch.rand(gt.shape[0], *shape, generator=generator)
+
+    fake = types.SimpleNamespace(REFERENCES=("random", "oracle"), RANDOM_DRAWS=3, reference_map=reference_map)
+    monkeypatch.setitem(sys.modules, "xrcam.references", fake)
+    import xrcam
+
+    monkeypatch.setattr(xrcam, "references", fake, raising=False)
+    raw = _raw_batch(methods=("gradcam",))
+    gt = torch.zeros(3, 32, 32, dtype=torch.bool)
+    gt[:, 4:20, 4:20] = True
+    scores = score_batch(
+        raw,
+        size=32,
+        layer_sets=["4", "4+3+2+1"],
+        gt=gt,
+        references=["random", "oracle"],
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert scores.methods == ["gradcam", "random", "oracle"]
+    assert scores.iou.shape == (2, 3, 3)
+    assert (scores.iou[1, 2] > 0.5).all()  # with the fine stages the oracle localises the ground truth
+    assert (scores.iou[:, 2] > scores.iou[:, 1]).all()

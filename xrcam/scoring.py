@@ -1,0 +1,482 @@
+"""The one scoring core (SPEC §5): raw per-stage maps -> normalised, aggregated maps -> masks -> IoU.
+
+``xrcam reduce``, ``xrcam evaluate``, the report and the read API (:mod:`workflows.results`) all call
+this module, so they agree by construction. Everything is batched torch on the maps' own device (CPU
+or GPU), batched over frames *and* methods: a stage's maps of every method arrive as one
+``(M, B, h, w)`` tensor, are upsampled in one ``interpolate`` call, and the layer sets, masks and IoU
+of all methods come out as ``(K, M, B)`` tensors.
+
+Steps, each also usable on its own:
+
+- :func:`normalize` / :func:`normalize_stack`: optional ReLU at the stage's own resolution (the
+  gradient family's default, :func:`default_relu`), bilinear upsampling to the crop grid
+  (``align_corners=False``), per-sample min-max with a 1e-8 guard (a constant map becomes zeros).
+- :func:`aggregate` / :func:`aggregate_stack`: mean of the normalised maps of a layer set, min-max again.
+- :func:`thresholds` / :func:`make_masks`: ``mean+std`` (default), ``fraction`` of the max, ``otsu``.
+- :func:`iou`: per-sample IoU, NaN where both masks are empty.
+- :func:`score_batch`: all of the above for every method and layer set at once, plus mask areas,
+  reference rows (random, centre, oracle, intensity via :mod:`xrcam.references`) and the sign check
+  (``inverted_<method>``: the negated raw map through the same steps).
+
+Example::
+
+    norm = {layer: normalize(exp.maps["xrelevancecam"][layer], size=230, method="xrelevancecam")
+            for layer in exp.maps["xrelevancecam"]}
+    agg = aggregate(norm, parse_layer_set("4+3+2+1"))
+    pred = make_masks(agg, rule="mean+std")
+    scores = iou(pred, gt)                    # (B,), NaN where both masks are empty
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from xrcam.errors import XrcamConfigError
+
+__all__ = [
+    "RELEVANCE_METHODS",
+    "STANDARD_LAYER_SETS",
+    "THRESHOLD_RULES",
+    "INVERTED_PREFIX",
+    "Scores",
+    "aggregate",
+    "aggregate_stack",
+    "default_relu",
+    "format_layer_set",
+    "iou",
+    "make_masks",
+    "minmax",
+    "normalize",
+    "normalize_stack",
+    "otsu_threshold",
+    "parse_layer_set",
+    "parse_threshold",
+    "rank_correlation",
+    "score_batch",
+    "thresholds",
+]
+
+#: The layer sets of the paper's Table 2, deepest stage first.
+STANDARD_LAYER_SETS = ("4", "4+3", "4+3+2", "4+3+2+1")
+
+#: Mask rules accepted by :func:`thresholds` and :func:`make_masks`.
+THRESHOLD_RULES = ("mean+std", "fraction", "otsu")
+
+#: Name prefix of the sign-check rows: the method's negated raw map through the same steps.
+INVERTED_PREFIX = "inverted_"
+
+_EPS = 1e-8
+
+
+def _relevance_methods() -> frozenset[str]:
+    from xrcam.explain import list_methods
+
+    return frozenset(list_methods("relevance"))
+
+
+#: Methods whose maps come from LRP relevance (from the explainer's registry).
+RELEVANCE_METHODS = _relevance_methods()
+
+
+def default_relu(method: str) -> bool:
+    """Whether ``method`` rectifies its map before normalising (SPEC §5).
+
+    The gradient family does (as its papers and peer libraries do); the relevance family does not
+    (as the published XRelevanceCAM code does), so negative relevance stays at the bottom of the
+    scale. The family is read from :func:`xrcam.explain.list_methods`; names that are not registered
+    methods (reference maps, ``inverted_<method>`` sign checks) are not rectified.
+    """
+    from xrcam.explain import list_methods
+
+    return method in list_methods("gradient")
+
+
+def parse_threshold(text: str) -> tuple[str, float]:
+    """``"mean+std"`` (also ``meanstd``), ``"fraction:0.5"``, ``"otsu"`` -> ``(rule, fraction)``."""
+    rule, _, value = str(text).strip().lower().partition(":")
+    rule = {"meanstd": "mean+std", "mean_std": "mean+std"}.get(rule, rule)
+    if rule not in THRESHOLD_RULES or (value and rule != "fraction"):
+        raise XrcamConfigError(
+            f"unknown threshold {text!r}: use mean+std, fraction:<0..1> (e.g. fraction:0.5) or otsu"
+        )
+    try:
+        fraction = float(value) if value else 0.5
+    except ValueError:
+        raise XrcamConfigError(
+            f"threshold {text!r}: the fraction must be a number, e.g. fraction:0.5"
+        ) from None
+    if not 0.0 <= fraction <= 1.0:
+        raise XrcamConfigError(f"threshold {text!r}: the fraction must be between 0 and 1")
+    return rule, fraction
+
+
+def format_threshold(text: str) -> str:
+    """Canonical spelling of a threshold: ``mean+std``, ``fraction:0.5`` or ``otsu``."""
+    rule, fraction = parse_threshold(text)
+    return f"fraction:{fraction:g}" if rule == "fraction" else rule
+
+
+def minmax(maps: torch.Tensor) -> torch.Tensor:
+    """Per-sample min-max scaling of ``(B, ...)`` to [0, 1]; a constant sample becomes all zeros, never NaN."""
+    flat = maps.flatten(1)
+    lo = flat.min(dim=1).values.view(-1, *([1] * (maps.dim() - 1)))
+    hi = flat.max(dim=1).values.view(-1, *([1] * (maps.dim() - 1)))
+    return (maps - lo) / (hi - lo + _EPS)
+
+
+def _minmax_last2(maps: torch.Tensor) -> torch.Tensor:
+    """:func:`minmax` over the last two dims of a tensor of any leading shape."""
+    lead = maps.shape[:-2]
+    return minmax(maps.reshape(-1, *maps.shape[-2:])).reshape(*lead, *maps.shape[-2:])
+
+
+def normalize(
+    maps: torch.Tensor,
+    size: int | tuple[int, int] | None = None,
+    *,
+    method: str | None = None,
+    relu: bool | None = None,
+) -> torch.Tensor:
+    """Raw stage-resolution maps ``(B, h, w)`` -> ``(B, S, S)`` in [0, 1] on the crop grid.
+
+    Order: optional ReLU at the stage's own resolution (as torch-cam / pytorch-grad-cam rectify the
+    CAM before resizing), bilinear upsampling to ``size`` with ``align_corners=False`` (skipped when
+    ``size`` is None or already matches), then per-sample min-max with a 1e-8 guard.
+    ``relu=None`` takes the family default of ``method`` (:func:`default_relu`); ``True``/``False``
+    force it. Computation is in float32 (or float64 if given) whatever the stored dtype.
+    """
+    if maps.dim() != 3:
+        raise XrcamConfigError(f"normalize expects maps of shape (B, h, w), got {tuple(maps.shape)}")
+    if relu is None:
+        if method is None:
+            raise XrcamConfigError("normalize needs either method= (for the family default) or relu=")
+        relu = default_relu(method)
+    return normalize_stack(maps[None], size, relu=[relu])[0]
+
+
+def normalize_stack(
+    maps: torch.Tensor, size: int | tuple[int, int] | None, *, relu: Sequence[bool] | torch.Tensor
+) -> torch.Tensor:
+    """Raw maps of several methods at one stage ``(M, B, h, w)`` -> ``(M, B, S, S)`` in [0, 1].
+
+    ``relu[m]`` says whether method ``m`` is rectified first. One ``interpolate`` call for all.
+    """
+    if maps.dim() != 4:
+        raise XrcamConfigError(f"normalize_stack expects maps of shape (M, B, h, w), got {tuple(maps.shape)}")
+    x = maps if maps.dtype == torch.float64 else maps.float()
+    flags = torch.as_tensor(list(relu) if not isinstance(relu, torch.Tensor) else relu, dtype=torch.bool)
+    if flags.numel() != x.shape[0]:
+        raise XrcamConfigError(f"relu needs one flag per method ({x.shape[0]}), got {flags.numel()}")
+    if flags.all():
+        x = x.clamp_min(0)
+    elif flags.any():
+        x = torch.where(flags.to(x.device).view(-1, 1, 1, 1), x.clamp_min(0), x)
+    m, b, h, w = x.shape
+    if size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if (h, w) != size:
+            x = F.interpolate(x.reshape(m * b, 1, h, w), size=size, mode="bilinear", align_corners=False)
+            x = x.reshape(m, b, *size)
+    return _minmax_last2(x)
+
+
+def parse_layer_set(text: str | Iterable[str]) -> tuple[str, ...]:
+    """``"4+3+2+1"`` -> ``("layer4", "layer3", "layer2", "layer1")``; layer names pass through.
+
+    Accepts stage numbers or names (``"layer4+layer3"``) joined by ``+``, or an iterable of either.
+    Order is kept (it does not change the mean); duplicates are an error.
+    """
+    parts = text.split("+") if isinstance(text, str) else list(text)
+    layers = []
+    for part in parts:
+        part = str(part).strip()
+        if part.isdigit():
+            part = f"layer{part}"
+        if not (part.startswith("layer") and part[5:].isdigit()):
+            raise XrcamConfigError(
+                f"bad layer set {text!r}: use stage numbers joined by '+', e.g. '4+3+2+1' or 'layer4+layer3'"
+            )
+        layers.append(part)
+    if not layers or len(set(layers)) != len(layers):
+        raise XrcamConfigError(f"bad layer set {text!r}: give each stage once, e.g. '4+3'")
+    return tuple(layers)
+
+
+def format_layer_set(layers: str | Iterable[str]) -> str:
+    """``("layer4", "layer3")`` -> ``"4+3"``: the inverse of :func:`parse_layer_set`."""
+    return "+".join(layer[5:] for layer in parse_layer_set(layers))
+
+
+def aggregate(normalised: Mapping[str, torch.Tensor], layer_set: str | Sequence[str]) -> torch.Tensor:
+    """Mean of the normalised maps of ``layer_set``, min-max scaled again (paper §3.3, Table 2).
+
+    ``normalised`` maps layer name -> ``(B, S, S)`` (or ``(M, B, S, S)``) maps already on the common
+    crop grid (see :func:`normalize`).
+    """
+    layers = parse_layer_set(layer_set)
+    missing = [layer for layer in layers if layer not in normalised]
+    if missing:
+        raise XrcamConfigError(
+            f"layer set {format_layer_set(layers)!r} needs maps of {missing}; "
+            f"explain those layers too (have {sorted(normalised)})"
+        )
+    return _minmax_last2(torch.stack([normalised[layer] for layer in layers]).mean(dim=0))
+
+
+def aggregate_stack(
+    normalised: torch.Tensor, layers: Sequence[str], layer_sets: Sequence[str]
+) -> torch.Tensor:
+    """``(L, M, B, S, S)`` normalised maps of ``layers`` -> ``(K, M, B, S, S)``, one per layer set.
+
+    A single-layer set is that layer's normalised map (min-max of an already [0, 1] map, as
+    :func:`aggregate` gives); a multi-layer set is the mean over its layers, min-max again.
+    """
+    index = {layer: i for i, layer in enumerate(layers)}
+    out = []
+    for layer_set in layer_sets:
+        wanted = parse_layer_set(layer_set)
+        missing = [layer for layer in wanted if layer not in index]
+        if missing:
+            raise XrcamConfigError(
+                f"layer set {format_layer_set(wanted)!r} needs maps of {missing}; have {list(layers)}"
+            )
+        picks = [index[layer] for layer in wanted]
+        out.append(_minmax_last2(normalised[picks].mean(dim=0)))
+    return torch.stack(out)
+
+
+def otsu_threshold(maps: torch.Tensor) -> torch.Tensor:
+    """Otsu's threshold per sample of ``(B, ...)``, evaluated exactly at every distinct value.
+
+    Values are sorted once per sample; splitting after sorted position ``i`` puts the ``i+1`` smallest
+    values in the background. The between-class variance ``w0 w1 (mu0 - mu1)^2`` is maximised over
+    the splits that fall between two *different* values (an infinitely fine histogram, so no bin
+    count to choose). The returned threshold is the largest background value: foreground is
+    ``map > threshold``. A constant sample has no split and gets its value (an empty mask).
+    """
+    x = maps.flatten(1).double()
+    n = x.shape[1]
+    v = x.sort(dim=1).values
+    csum = v.cumsum(dim=1)
+    total = csum[:, -1:]
+    n0 = torch.arange(1, n + 1, device=x.device, dtype=x.dtype)
+    n1 = n - n0
+    mu0 = csum / n0
+    mu1 = (total - csum) / n1.clamp_min(1)
+    between = (n0 / n) * (n1 / n) * (mu0 - mu1) ** 2
+    valid = torch.zeros_like(v, dtype=torch.bool)
+    valid[:, :-1] = v[:, 1:] > v[:, :-1]
+    between = torch.where(valid, between, torch.full_like(between, -1.0))
+    best = between.argmax(dim=1, keepdim=True)
+    has_split = valid.any(dim=1)
+    t = torch.where(has_split, v.gather(1, best)[:, 0], v[:, -1])
+    return t.to(maps.dtype if maps.is_floating_point() else torch.float32)
+
+
+def thresholds(maps: torch.Tensor, rule: str = "mean+std", *, fraction: float = 0.5) -> torch.Tensor:
+    """Per-sample mask threshold ``(B,)`` of normalised maps ``(B, S, S)``; foreground is ``map > t``.
+
+    - ``"mean+std"`` (default, the published code's rule): mean plus population standard deviation.
+    - ``"fraction"``: ``fraction`` times the sample's maximum.
+    - ``"otsu"``: :func:`otsu_threshold`.
+    """
+    flat = maps.flatten(1).float() if maps.dtype != torch.float64 else maps.flatten(1)
+    if rule == "mean+std":
+        return flat.mean(dim=1) + flat.std(dim=1, correction=0)
+    if rule == "fraction":
+        if not 0.0 <= fraction <= 1.0:
+            raise XrcamConfigError(f"mask fraction must be in [0, 1], got {fraction}")
+        return fraction * flat.max(dim=1).values
+    if rule == "otsu":
+        return otsu_threshold(flat)
+    raise XrcamConfigError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
+
+
+def make_masks(maps: torch.Tensor, rule: str = "mean+std", *, fraction: float = 0.5) -> torch.Tensor:
+    """Binary saliency masks, same shape as ``maps`` (any leading dims, last two spatial) bool.
+
+    ``map > thresholds(map, rule)`` per sample; the strict inequality makes an all-zero map (e.g. a
+    normalised constant map) an empty mask.
+    """
+    flat = maps.reshape(-1, *maps.shape[-2:])
+    t = thresholds(flat, rule, fraction=fraction)
+    return (flat > t.view(-1, 1, 1).to(flat.dtype)).reshape(maps.shape)
+
+
+def iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Intersection over union per sample of boolean masks ``(..., S, S)`` -> ``(...)`` float32.
+
+    ``gt`` broadcasts against ``pred`` (e.g. ``(B, S, S)`` against ``(K, M, B, S, S)``). NaN where
+    both masks are empty (IoU undefined); 0 where only the prediction or only the ground truth is empty.
+    """
+    if pred.shape[-2:] != gt.shape[-2:] or (pred.dim() == gt.dim() and pred.shape != gt.shape):
+        raise XrcamConfigError(
+            f"mask shapes differ: prediction {tuple(pred.shape)} vs ground truth {tuple(gt.shape)}"
+        )
+    p, g = pred.bool().flatten(-2), gt.bool().flatten(-2)
+    inter = (p & g).sum(dim=-1).float()
+    union = (p | g).sum(dim=-1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor, *, grid: int | None = 64) -> torch.Tensor:
+    """Spearman rank correlation per sample of maps ``(..., S, S)`` (``b`` broadcasts) -> ``(...)``.
+
+    With ``grid`` both maps are first average-pooled to at most ``grid x grid`` cells (ranking 53k
+    pixels per map would dominate the reduction; the pooled grid is still finer than every stage but
+    layer1). Ties get their order's rank (no averaging); a constant map gives NaN.
+    """
+    if grid is not None and max(a.shape[-2:]) > grid:
+        a = _pool(a, grid)
+        b = _pool(b, grid)
+    a, b = torch.broadcast_tensors(a.float(), b.float())
+    ra = a.flatten(-2).argsort(dim=-1).argsort(dim=-1).float()
+    rb = b.flatten(-2).argsort(dim=-1).argsort(dim=-1).float()
+    ra = ra - ra.mean(dim=-1, keepdim=True)
+    rb = rb - rb.mean(dim=-1, keepdim=True)
+    num = (ra * rb).sum(dim=-1)
+    den = (ra.square().sum(dim=-1) * rb.square().sum(dim=-1)).sqrt()
+    const = (a.flatten(-2).amax(-1) == a.flatten(-2).amin(-1)) | (
+        b.flatten(-2).amax(-1) == b.flatten(-2).amin(-1)
+    )
+    return torch.where(const | (den == 0), torch.full_like(num, float("nan")), num / den.clamp_min(1e-12))
+
+
+def _pool(maps: torch.Tensor, grid: int) -> torch.Tensor:
+    lead = maps.shape[:-2]
+    x = F.adaptive_avg_pool2d(maps.reshape(-1, 1, *maps.shape[-2:]).float(), grid)
+    return x.reshape(*lead, *x.shape[-2:])
+
+
+# --------------------------------------------------------------------------------- batched scoring
+@dataclass
+class Scores:
+    """Scores of one batch: every tensor is ``(K, M, B)`` (layer sets x methods x frames).
+
+    ``methods`` are the scored rows in order: the methods first, then any ``inverted_<method>`` rows
+    and reference rows (``random`` is already the mean IoU over its draws). ``maps``/``masks``
+    ``(K, M, B, S, S)`` are kept only when asked for.
+    """
+
+    methods: list[str]
+    layer_sets: list[str]
+    iou: torch.Tensor
+    mask_area: torch.Tensor
+    maps: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+    agreement: dict[str, torch.Tensor] = field(default_factory=dict)  # mask_iou, rank_corr vs a method
+
+
+def score_batch(
+    raw: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    size: int | tuple[int, int],
+    layer_sets: Sequence[str],
+    gt: torch.Tensor | None = None,
+    threshold: str = "mean+std",
+    relu: bool | None = None,
+    inverted: Sequence[str] = (),
+    references: Sequence[str] = (),
+    frames: torch.Tensor | None = None,
+    random_draws: int | None = None,
+    generator: torch.Generator | None = None,
+    agreement_with: str | None = None,
+    keep_maps: bool = False,
+) -> Scores:
+    """Score one batch of frames for every method and layer set at once.
+
+    ``raw[method][layer]``: raw maps ``(B, h, w)`` at each stage's own grid (any float dtype).
+    ``gt``: ``(B, S, S)`` bool ground truth (IoU is NaN where absent). ``relu=None``: each method's
+    family default. ``inverted``: methods whose negated raw map is scored as ``inverted_<method>``
+    (the sign check). ``references``: names from :data:`xrcam.references.REFERENCES`, pushed through
+    the same upsample/normalise/threshold with relu off at each stage's grid; they need ``gt`` and
+    (for ``intensity``) ``frames`` ``(B, S, S)`` in [0, 1]. ``agreement_with``: also the mask IoU and
+    rank correlation of every row against that method's map per frame and layer set.
+    """
+    methods = list(raw)
+    if not methods:
+        raise XrcamConfigError("score_batch needs the maps of at least one method")
+    layers = list(raw[methods[0]])
+    rule, fraction = parse_threshold(threshold)
+    stacks, flags, names = [], [], []
+    for layer in layers:
+        stacks.append(torch.stack([raw[m][layer] for m in methods]))
+    flags = [default_relu(m) if relu is None else relu for m in methods]
+    names = list(methods)
+    for method in inverted:
+        if method not in raw:
+            raise XrcamConfigError(f"inverted {method!r}: no maps of that method in this batch")
+        i = methods.index(method)
+        stacks = [torch.cat([s, -s[i : i + 1]]) for s in stacks]
+        flags.append(False)
+        names.append(f"{INVERTED_PREFIX}{method}")
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    normalised = torch.stack([normalize_stack(s, size, relu=flags) for s in stacks])  # (L, M, B, S, S)
+    agg = aggregate_stack(normalised, layers, layer_sets)
+    del normalised
+    masks = make_masks(agg, rule, fraction=fraction)
+    batch = agg.shape[2]
+    ious = iou(masks, gt.to(masks.device)) if gt is not None else torch.full(masks.shape[:3], float("nan"))
+    areas = masks.flatten(-2).sum(dim=-1)
+    scores = Scores(names, list(layer_sets), ious, areas)
+    if agreement_with is not None:
+        j = names.index(agreement_with)
+        scores.agreement = {
+            "mask_iou": iou(masks, masks[:, j : j + 1].expand_as(masks)),
+            "rank_corr": rank_correlation(agg, agg[:, j : j + 1]),
+        }
+    if keep_maps:
+        scores.maps, scores.masks = agg, masks
+    if references:
+        ref = _score_references(
+            references,
+            layers,
+            [tuple(s.shape[-2:]) for s in stacks],
+            size,
+            layer_sets,
+            gt,
+            frames,
+            rule,
+            fraction,
+            batch,
+            random_draws,
+            generator,
+            agg.device,
+        )
+        scores.methods += ref.methods
+        scores.iou = torch.cat([scores.iou, ref.iou], dim=1)
+        scores.mask_area = torch.cat([scores.mask_area, ref.mask_area.to(scores.mask_area.dtype)], dim=1)
+    return scores
+
+
+def _score_references(
+    names, layers, shapes, size, layer_sets, gt, frames, rule, fraction, batch, draws, generator, device
+) -> Scores:
+    from xrcam import references as refs
+
+    if gt is None:
+        raise XrcamConfigError("reference rows need the ground truth (gt=)")
+    draws = draws or refs.RANDOM_DRAWS
+    ious, areas = [], []
+    for name in names:
+        repeats = draws if name == "random" else 1
+        per_draw_iou, per_draw_area = [], []
+        for _ in range(repeats):
+            stages = [
+                refs.reference_map(name, gt=gt, frames=frames, shape=shape, generator=generator)
+                .to(device)
+                .float()
+                for shape in shapes
+            ]
+            normalised = torch.stack([normalize_stack(s[None], size, relu=[False]) for s in stages])
+            agg = aggregate_stack(normalised, layers, layer_sets)[:, 0]  # (K, B, S, S)
+            masks = make_masks(agg, rule, fraction=fraction)
+            per_draw_iou.append(iou(masks, gt.to(device)))
+            per_draw_area.append(masks.flatten(-2).sum(dim=-1).float())
+        ious.append(torch.stack(per_draw_iou).nanmean(dim=0))
+        areas.append(torch.stack(per_draw_area).mean(dim=0))
+    return Scores(list(names), list(layer_sets), torch.stack(ious, dim=1), torch.stack(areas, dim=1))
