@@ -31,7 +31,7 @@ def train_distributed(
     use_gpu: bool | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train on ``workers`` Ray Train workers (Ray started first: ``workflows.driver.start_ray``).
+    """Train on ``workers`` Ray Train workers (Ray started or joined first: ``workflows.ray_session``).
 
     Returns the run's summary.
 

@@ -62,7 +62,7 @@ import click
 )
 @click.option(
     "--address",
-    envvar="RAY_ADDRESS",
+    envvar="XRCAM_ADDRESS",
     default=None,
     help="Ray cluster to join with --workers (default: a local Ray on 127.0.0.1).",
 )
@@ -145,19 +145,13 @@ def _train(
             device = "cuda" if torch.cuda.is_available() else "cpu"
         result = fit(data, out, config, device=device, progress=progress)
     else:
-        from workflows.driver import start_ray
+        from workflows.ray_session import ray_session
 
-        started = start_ray(address)  # before anything imports ray: it binds to 127.0.0.1 only then
-        from workflows.train_ray import train_distributed
+        with ray_session(address):  # before anything imports ray: it binds to 127.0.0.1 only then
+            from workflows.train_ray import train_distributed
 
-        try:
             use_gpu = None if device == "auto" else device == "cuda"
             result = train_distributed(data, out, config, workers=workers, use_gpu=use_gpu, progress=progress)
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
     stop = "early stop" if result.stopped_early else "epoch limit"
     click.echo(
         f"trained {result.epochs_run} epochs ({stop}); best epoch {result.best_epoch}: "

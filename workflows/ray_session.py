@@ -1,0 +1,148 @@
+"""The one way xrcam starts or joins Ray: :func:`ray_session`.
+
+``run``, ``reduce`` and ``train --workers`` all go through it, so every command behaves alike:
+
+- with an address (argument, else ``XRCAM_ADDRESS``) it joins that cluster;
+- without one it starts a local Ray bound to 127.0.0.1 (loopback only), without dashboard or usage
+  statistics, with token authentication as Ray's default for a new local cluster has it (without
+  Ray's notice saying so);
+- an already initialised Ray (a notebook, the test session) is reused;
+- Ray's own INFO lines are kept off the terminal; one line on stderr says that Ray is starting
+  (it takes ~10-20 s), so the wait is not silent;
+- on exit it shuts down only a Ray it started itself.
+
+Process-wide tuning of worker processes lives in :func:`tune_process`, installed as Ray's
+``worker_process_setup_hook`` for every worker of the job, and callable directly by code that does
+the same work in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+__all__ = ["ADDRESS_ENVVAR", "WORKER_SETUP_HOOK", "ray_session", "resolve_address", "tune_process"]
+
+ADDRESS_ENVVAR = "XRCAM_ADDRESS"  # the one cluster-address variable of every command that joins Ray
+WORKER_SETUP_HOOK = f"{__name__}.tune_process"  # runs once in every Ray worker process of our jobs
+
+_LOOPBACK = "127.0.0.1"
+_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+_tuned = False
+
+
+def resolve_address(address: str | None = None) -> str | None:
+    """``address``, else ``$XRCAM_ADDRESS``, else ``None`` (start a local Ray)."""
+    return address or os.environ.get(ADDRESS_ENVVAR) or None
+
+
+def tune_process() -> None:
+    """Process-wide settings for a process that reduces or explains large arrays (idempotent).
+
+    Fixes glibc's mmap threshold at 1 MiB, so freed chunk-sized tensors go back to the OS. By default
+    glibc raises the threshold each time a large block is freed, after which multi-MB temporaries come
+    from the heap and stay there, fragmented: a 100-frame video then grew a reducing process by ~0.7 GB.
+    A fixed threshold keeps the resident size at the working set of one chunk. No-op off glibc.
+    """
+    global _tuned
+    if _tuned:
+        return
+    _tuned = True
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def _loopback_even_if_ray_was_imported() -> None:
+    """Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, at import: apply it if ray came first."""
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # layout of another Ray version: the environment variable alone then decides
+        return
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0" and hasattr(
+        ray_constants, "ENABLE_RAY_CLUSTER"
+    ):
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+class _TokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+@contextlib.contextmanager
+def _without_token_notice() -> Iterator[None]:
+    """Drop Ray's notice that a new local cluster uses token authentication (its default, which we keep).
+
+    Only that one informational line is filtered; any other authentication warning still shows.
+    """
+    notice = _TokenNotice()
+    logger = logging.getLogger(_TOKEN_LOGGER)
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
+@contextlib.contextmanager
+def ray_session(
+    address: str | None = None, *, num_cpus: int | None = None, quiet: bool = False
+) -> Iterator[bool]:
+    """Start or join Ray for the body of the ``with``; yields whether this call started it.
+
+    ``address`` (else ``XRCAM_ADDRESS``) names a cluster to join (``host:port`` or ``auto``); without
+    one a local Ray on 127.0.0.1 with ``num_cpus`` CPUs (default: all) is started. ``quiet`` drops the
+    one-line start-up notice on stderr. On exit Ray is shut down only if this call started it.
+    """
+    address = resolve_address(address)
+    restore: dict[str, str | None] = {}
+    if not address:
+        # read by ray at start-up: the local node then takes 127.0.0.1 instead of an outward-facing IP
+        # and sends no usage statistics
+        for key, value in (("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"), ("RAY_USAGE_STATS_ENABLED", "0")):
+            if key not in os.environ:
+                restore[key] = None
+                os.environ[key] = value
+    import ray
+
+    if not address:
+        _loopback_even_if_ray_was_imported()
+    started = False
+    try:
+        if not ray.is_initialized():
+            if not quiet:
+                where = f"joining Ray at {address}" if address else "starting a local Ray on 127.0.0.1"
+                print(f"xrcam: {where}…", file=sys.stderr, flush=True)
+            common = {
+                "logging_level": logging.WARNING,
+                "log_to_driver": True,
+                "runtime_env": {"worker_process_setup_hook": WORKER_SETUP_HOOK},
+            }
+            with _without_token_notice():
+                if address:
+                    ray.init(address=address, **common)
+                else:
+                    ray.init(
+                        address="local",
+                        num_cpus=num_cpus,
+                        include_dashboard=False,
+                        _node_ip_address=_LOOPBACK,
+                        **common,
+                    )
+            started = True
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
+        for key, value in restore.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
