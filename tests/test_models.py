@@ -108,10 +108,15 @@ def test_sidecar_contradicting_the_request_is_refused(tmp_path):
 
 def test_architecture_mismatch_is_named(tmp_path):
     path = save_checkpoint(xrcam.load_model("resnet34", num_classes=2), tmp_path / "r34.pt")
-    with pytest.raises(XrcamCheckpointError, match="looks like a different architecture"):
+    with pytest.raises(
+        XrcamCheckpointError, match="do not fit resnet18.*matches resnet34: pass --model resnet34"
+    ):
         xrcam.load_model("resnet18", num_classes=2, checkpoint=path)
     path = save_checkpoint(xrcam.load_model("skresnet18", num_classes=2), tmp_path / "sk.pt")
-    with pytest.raises(XrcamCheckpointError, match="different architecture.*unexpected"):
+    with pytest.raises(
+        XrcamCheckpointError,
+        match=r"do not fit resnet18.*unexpected: layer1\.0\.conv1\.attn.*matches skresnet18",
+    ):
         xrcam.load_model("resnet18", num_classes=2, checkpoint=path)
 
 
@@ -160,3 +165,89 @@ def test_stage_names_read_from_the_model_input_side_first(name):
     plain.add_module("layer10", nn.Identity())
     plain.add_module("fc", nn.Identity())
     assert stage_names(plain) == ("layer2", "layer10")
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+def test_training_script_wrappers_and_nested_dataparallel_load(tmp_path):
+    import argparse
+
+    model = xrcam.load_model("resnet18", num_classes=2, seed=3)
+    weights = _weights(model)
+    # torchvision/timm train scripts: weights under "model", beside optimizer state and argparse options
+    torch.save(
+        {
+            "model": weights,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+            "epoch": 7,
+            "args": argparse.Namespace(arch="resnet18", lr=0.1),
+        },
+        tmp_path / "train.pth",
+    )
+    torch.save({"state_dict": {f"module.module.{k}": v for k, v in weights.items()}}, tmp_path / "ddp.pt")
+    torch.save({"model_state_dict": weights, "epoch": 1}, tmp_path / "msd.pt")
+    for name in ("train.pth", "ddp.pt", "msd.pt"):
+        assert _same(xrcam.load_model("resnet18", num_classes=2, checkpoint=tmp_path / name), model), name
+
+
+def test_safetensors_checkpoint_loads_and_a_damaged_one_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    model = xrcam.load_model("resnet18", num_classes=2, seed=4)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
+    assert _same(xrcam.load_model("resnet18", num_classes=2, checkpoint=tmp_path / "m.safetensors"), model)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(XrcamCheckpointError, match="bad.safetensors: not a readable safetensors"):
+        xrcam.load_model("resnet18", num_classes=2, checkpoint=tmp_path / "bad.safetensors")
+
+
+def test_torchvision_resnet50_checkpoint_loads_into_timm_resnet50_with_equal_outputs(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50(num_classes=3).eval()
+    for m in reference.modules():  # non-trivial batch-norm statistics, so a wrong mapping would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    torch.save(reference.state_dict(), tmp_path / "tv.pth")
+    from xrcam.models import check_checkpoint
+
+    assert check_checkpoint("resnet50", tmp_path / "tv.pth") == 3
+    model = xrcam.load_model("resnet50", num_classes=3, checkpoint=tmp_path / "tv.pth")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+def test_check_checkpoint_on_the_meta_device_names_class_count_and_keys(tmp_path):
+    from xrcam.models import check_checkpoint
+
+    path = save_checkpoint(xrcam.load_model("resnet18", num_classes=3), tmp_path / "three.pt")
+    assert check_checkpoint("resnet18", path) == 3
+    with pytest.raises(XrcamCheckpointError, match="checkpoint has 3 classes, model asks for 2"):
+        check_checkpoint("resnet18", path, 2)
+    state = torch.load(path, weights_only=True)
+    state["layer9.weight"] = state.pop("layer4.1.bn2.weight")
+    torch.save(state, tmp_path / "renamed.pt")
+    with pytest.raises(
+        XrcamCheckpointError, match=r"missing: layer4\.1\.bn2\.weight; unexpected: layer9\.weight"
+    ):
+        check_checkpoint("resnet18", tmp_path / "renamed.pt")
+
+
+def test_seeded_random_init_is_reproducible_and_leaves_the_global_generator_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = xrcam.load_model("resnet18", num_classes=2, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = xrcam.load_model("resnet18", num_classes=2, seed=7)
+    assert _same(a, b)
+    assert not _same(a, xrcam.load_model("resnet18", num_classes=2, seed=8))
