@@ -161,3 +161,46 @@ def test_split_rejects_bad_fractions():
     for bad in ((0.5, 0.5), (-0.1, 0.6, 0.5), (0, 0, 0)):
         with pytest.raises(ValueError):
             split_patients(_entries({"a": 3}), fractions=bad)
+
+
+def test_the_same_video_listed_twice_through_dotdot_or_a_link_counts_once(archive_dir):
+    listed = sorted(v.relpath("png") for v in generate_archive(CONFIG))
+    first = listed[0]  # e.g. glioblastoma/P01/V01
+    klass, patient, video = first.split("/")
+    with open(archive_dir / "twice.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "patient", "label"])
+        writer.writerow([first, patient, klass])
+        writer.writerow([f"{klass}/{patient}/../{patient}/{video}", patient, klass])  # same file via ..
+        writer.writerow([f"./{klass}/{patient}/{video}/", "P99", klass])  # and again, as another patient
+    archive = discover_archive(archive_dir / "twice.csv")
+    assert [e.video_id for e in archive.entries] == [first]
+    assert [p.problem for p in archive.problems] == [
+        "row 3 of twice.csv lists the same video as row 2; the later row is skipped",
+        "row 4 of twice.csv lists the same video as row 2; the later row is skipped",
+    ]
+    assert all(p.rejected for p in archive.problems)
+    # a folder layout with a symbolic link to a video of another patient
+    link = archive_dir / klass / "P77" / "V09"
+    link.parent.mkdir()
+    link.symlink_to(archive_dir / first, target_is_directory=True)
+    layout = discover_archive(archive_dir)
+    assert f"{klass}/P77/V09" not in [e.video_id for e in layout.entries]
+    assert [(p.path, p.problem.split(" (")[0]) for p in layout.problems] == [
+        (link, f"the same video as {first}")
+    ]
+
+
+def test_mask_problems_keep_the_video_and_name_the_frame(archive_dir):
+    entry = next(e for e in discover_archive(archive_dir).entries if e.mask_path is not None)
+    mask = sorted(entry.mask_path.iterdir())[0]
+    from PIL import Image
+
+    Image.new("L", (7, 5)).save(mask)
+    archive = discover_archive(archive_dir)
+    assert entry.video_id in [e.video_id for e in archive.entries]  # kept, without ground truth
+    [problem] = archive.problems
+    assert problem.path == mask and not problem.rejected and problem.frame is not None
+    assert "mask is 7x5" in problem.problem and "without ground truth" in problem.problem
+    assert next(e for e in archive.entries if e.video_id == entry.video_id).mask_path is None
+    assert all(e.frame_shape == (48, 48) for e in archive.entries)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ __all__ = [
     "Archive",
     "discover_archive",
     "mask_files",
+    "relative_id",
     "load_masks",
     "split_patients",
 ]
@@ -52,6 +54,7 @@ class VideoEntry:
     patient: str
     label: str
     mask_path: Path | None = None
+    frame_shape: tuple[int, int] | None = None  # (H, W) of its frames, set by discovery's check
 
 
 @dataclass(frozen=True)
@@ -59,13 +62,15 @@ class InputProblem:
     """A file discovery could not use, and why (the message of the error it raised).
 
     ``path`` is the file at fault (a frame of a folder, a mask, the video itself); ``video`` is the
-    video it belongs to, where there is one.
+    video it belongs to, where there is one. ``rejected``: the video (or manifest row) is left out of
+    the run; ``False`` for problems of a video that is still used (its masks, say).
     """
 
     path: Path
     problem: str
     frame: int | None = None
     video: Path | None = None
+    rejected: bool = True
 
     def __str__(self) -> str:
         return str(XrcamInputError(self.path, self.problem, self.frame))
@@ -95,15 +100,31 @@ def _masks_sibling(path: Path) -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
-def _video_id(path: Path, root: Path) -> str:
+def _normal(path: Path) -> Path:
+    """``path`` with ``.`` and ``..`` removed lexically (symlinks are kept: ids follow the archive's names)."""
+    return Path(os.path.normpath(path))
+
+
+def relative_id(path: Path, root: Path) -> str:
+    """The archive-relative, '/'-separated id of ``path`` (``..`` removed; outside ``root``: the path)."""
+    path, root = _normal(path), _normal(root)
     try:
         return path.relative_to(root).as_posix()
     except ValueError:
         return path.as_posix().lstrip("/")
 
 
+def _identity(path: Path) -> Path:
+    """What makes two listed paths the same video: the real file, all symlinks and ``..`` resolved."""
+    try:
+        return path.resolve()
+    except OSError:  # a symlink loop: the lexical form is the best we have
+        return _normal(path.absolute())
+
+
 def _walk_layout(root: Path, archive: Archive) -> list[VideoEntry]:
-    entries = []
+    entries: list[VideoEntry] = []
+    seen: dict[Path, str] = {}
     for class_dir in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
         if not class_dir.is_dir():
             continue  # files beside the class folders (a manifest, a README) are not videos
@@ -120,9 +141,20 @@ def _walk_layout(root: Path, archive: Archive) -> list[VideoEntry]:
             for item in sorted(p for p in patient_dir.iterdir() if not p.name.startswith(".")):
                 is_frame_folder = item.is_dir() and not item.name.endswith(MASKS_SUFFIX)
                 if is_frame_folder or (item.is_file() and item.suffix.lower() in VIDEO_SUFFIXES):
+                    identity, video_id = _identity(item), relative_id(item, root)
+                    if identity in seen:
+                        archive.problems.append(
+                            InputProblem(
+                                item,
+                                f"the same video as {seen[identity]} (a link to it); skipped so its "
+                                "frames count once",
+                            )
+                        )
+                        continue
+                    seen[identity] = video_id
                     entries.append(
                         VideoEntry(
-                            _video_id(item, root),
+                            relative_id(item, root),
                             item,
                             patient_dir.name,
                             class_dir.name,
@@ -169,7 +201,8 @@ def _read_manifest(manifest: Path) -> list[dict[str, str]]:
 
 def _from_manifest(manifest: Path, archive: Archive) -> list[VideoEntry]:
     root = manifest.parent
-    entries, seen = [], set()
+    entries: list[VideoEntry] = []
+    seen: dict[Path, int] = {}
     for line, row in enumerate(_read_manifest(manifest), start=2):
         raw = (row.get("path") or "").strip()
         patient, label = (row.get("patient") or "").strip(), (row.get("label") or "").strip()
@@ -178,13 +211,18 @@ def _from_manifest(manifest: Path, archive: Archive) -> list[VideoEntry]:
                 InputProblem(manifest, f"row {line}: path, patient and label must all be set; row skipped")
             )
             continue
-        path = Path(raw) if Path(raw).is_absolute() else root / raw
-        if path in seen:
+        path = _normal(Path(raw) if Path(raw).is_absolute() else root / raw)
+        identity = _identity(path)
+        if identity in seen:
             archive.problems.append(
-                InputProblem(path, f"listed twice in {manifest.name} (row {line}); the later row is skipped")
+                InputProblem(
+                    path,
+                    f"row {line} of {manifest.name} lists the same video as row {seen[identity]}; "
+                    "the later row is skipped",
+                )
             )
             continue
-        seen.add(path)
+        seen[identity] = line
         mask_raw = (row.get("mask_path") or "").strip()
         mask = (
             (Path(mask_raw) if Path(mask_raw).is_absolute() else root / mask_raw)
@@ -194,11 +232,14 @@ def _from_manifest(manifest: Path, archive: Archive) -> list[VideoEntry]:
         if mask is not None and not mask.is_dir():
             archive.problems.append(
                 InputProblem(
-                    mask, f"mask folder of {raw} not found; the video is used without masks", video=path
+                    mask,
+                    f"mask folder of {raw} not found; the video is used without masks",
+                    video=path,
+                    rejected=False,
                 )
             )
             mask = None
-        entries.append(VideoEntry(_video_id(path, root), path, patient, label, mask))
+        entries.append(VideoEntry(relative_id(path, root), path, patient, label, mask))
     return entries
 
 
@@ -222,6 +263,7 @@ def _check(entry: VideoEntry) -> tuple[VideoEntry | None, list[InputProblem]]:
         return None, [InputProblem(Path(exc.path), exc.problem, exc.frame, entry.path)]
     except OSError as exc:
         return None, [InputProblem(entry.path, f"cannot read ({exc})", video=entry.path)]
+    entry = replace(entry, frame_shape=tuple(int(v) for v in shape))
     if entry.mask_path is None:
         return entry, []
     from PIL import Image
@@ -232,29 +274,18 @@ def _check(entry: VideoEntry) -> tuple[VideoEntry | None, list[InputProblem]]:
             with Image.open(file) as im:
                 size = im.size[::-1]
         except Exception as exc:  # PIL raises many types for damaged files
-            problems.append(InputProblem(file, f"unreadable mask ({exc})", index, entry.path))
-            continue
-        if size != shape:
-            problems.append(
-                InputProblem(
-                    file,
-                    f"mask is {size[1]}x{size[0]} but its video's frames are {shape[1]}x{shape[0]}",
-                    index,
-                    entry.path,
-                )
-            )
-        elif index >= count:
-            problems.append(
-                InputProblem(
-                    file, f"mask for frame {index} but the video has {count} frames", index, entry.path
-                )
-            )
-    if problems:
-        problems.append(
-            InputProblem(
-                entry.mask_path, "masks unusable; the video is used without ground truth", video=entry.path
-            )
-        )
+            problem = f"unreadable mask ({exc})"
+        else:
+            if size != shape:
+                problem = f"mask is {size[1]}x{size[0]} but its video's frames are {shape[1]}x{shape[0]}"
+            elif index >= count:
+                problem = f"mask for frame {index} but the video has {count} frames"
+            else:
+                continue
+        problems.append(InputProblem(file, problem, index, entry.path, rejected=False))
+    if problems:  # one bad mask makes the folder suspect: the video is used without ground truth
+        suffix = "; the video's masks are not used (it is explained without ground truth)"
+        problems = [replace(p, problem=p.problem + suffix) for p in problems]
         entry = replace(entry, mask_path=None)
     return entry, problems
 
