@@ -2,20 +2,21 @@
 
 Each sub-command lives in its own module under :mod:`workflows.commands` and is imported only when
 it is used, so ``xrcam --help`` never imports torch or ray. Command modules import only click at
-module level; the work they call is imported inside the command function.
+module level; the work they call is imported inside the command function. As a command is loaded,
+:func:`workflows.commands.conventions.apply` gives it the one CLI convention (``--config``,
+``XRCAM_*`` environment variables, exit codes): see ``docs/cli.md``.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 
 import click
 
+from workflows.commands.conventions import COMMANDS, load_command
 from xrcam import __version__
 
-# sub-command name == module under workflows.commands defining a click command called ``command``
-COMMANDS = ("synth", "train", "run", "reduce", "report", "evaluate", "submit", "status", "demo")
+__all__ = ["COMMANDS", "main"]
 
 
 class LazyGroup(click.Group):
@@ -25,12 +26,10 @@ class LazyGroup(click.Group):
         return list(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in COMMANDS:
-            return None
-        return importlib.import_module(f"workflows.commands.{cmd_name}").command
+        return load_command(cmd_name)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="xrcam")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:

@@ -14,8 +14,10 @@ import click
     help="Where JOB runs [default: ray when --address is given, else slurm].",
 )
 @click.option(
+    "--jobs-address",
     "--address",
-    envvar="RAY_API_SERVER_ADDRESS",
+    "address",
+    envvar="RAY_API_SERVER_ADDRESS",  # Ray's own name for the Jobs API; XRCAM_ADDRESS is a cluster (GCS) address
     default=None,
     help="The Ray cluster's Jobs API, e.g. http://HEAD:8265 (Ray jobs only).",
 )

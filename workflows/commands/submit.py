@@ -133,9 +133,11 @@ def slurm(
 @_ARCHIVE
 @_OUT
 @click.option(
+    "--jobs-address",
     "--address",
+    "address",
     required=True,
-    envvar="RAY_API_SERVER_ADDRESS",
+    envvar="RAY_API_SERVER_ADDRESS",  # Ray's own name for the Jobs API; XRCAM_ADDRESS is a cluster (GCS) address
     help="The cluster's Jobs API (its dashboard), e.g. http://HEAD:8265.",
 )
 @click.option(
