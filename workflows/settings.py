@@ -16,7 +16,7 @@ from typing import Any
 
 from xrcam.errors import XrcamConfigError
 
-__all__ = ["RunSettings", "DEFAULT_LAYERS", "load_toml", "parse_crop"]
+__all__ = ["RunSettings", "DEFAULT_LAYERS", "load_toml", "coerce_settings"]
 
 DEFAULT_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
@@ -29,7 +29,8 @@ class RunSettings:
     out: str
     model: str = "skresnext50_32x4d"
     checkpoint: str | None = None
-    classes: tuple[str, ...] | None = None  # class names in logit order; default: sorted archive labels
+    random_init: int | None = None  # without a checkpoint: seed of the random weights every worker builds
+    classes: tuple[str, ...] | None = None  # class names in logit order (the sidecar's, or --classes)
     dropout: float | None = None
     methods: tuple[str, ...] | None = None  # default: every registered method
     layers: tuple[str, ...] = DEFAULT_LAYERS
@@ -44,15 +45,25 @@ class RunSettings:
     workers: int | None = None  # default: one per GPU, else CPU cores // 2 (at least 1)
     address: str | None = None  # Ray cluster to join; None starts a local one on 127.0.0.1
     split: str | None = None  # only videos of this patient split (train/val/test)
+    skip_unknown_labels: bool = False  # record videos whose label is not a class as failures, not refuse
     overwrite: bool = False
     device: str | None = None  # default: cuda when the worker sees a GPU, else cpu
 
     def __post_init__(self) -> None:
         for name in ("frame_step", "chunk_frames", "shard_chunks", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise XrcamConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise XrcamConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.workers is not None and self.workers < 1:
             raise XrcamConfigError(f"workers must be at least 1, got {self.workers}")
+        if self.random_init is not None and self.random_init < 0:
+            raise XrcamConfigError(f"random_init must be a seed >= 0, got {self.random_init}")
+        if self.classes is not None:
+            classes = list(self.classes)
+            if len(classes) < 2 or len(set(classes)) != len(classes) or not all(classes):
+                raise XrcamConfigError(
+                    f"classes must name at least two distinct classes in the model's logit order, got {classes}"
+                )
         if self.split not in (None, "train", "val", "test"):
             raise XrcamConfigError(f"split must be train, val or test, got {self.split!r}")
 
@@ -64,17 +75,8 @@ class RunSettings:
     def resolve(cls, config: str | Path | None = None, **given: Any) -> RunSettings:
         """Merge the TOML file ``config`` with ``given`` (command line/environment; ``None`` = not given),
         then fill the model settings from the checkpoint's sidecar."""
-        values: dict[str, Any] = load_toml(config) if config else {}
-        values.update({k: v for k, v in given.items() if v is not None})
-        for key in ("methods", "layers", "classes"):
-            if isinstance(values.get(key), str):
-                values[key] = tuple(filter(None, (part.strip() for part in values[key].split(","))))
-            elif values.get(key) is not None:
-                values[key] = tuple(values[key])
-        if isinstance(values.get("crop"), str):
-            values["crop"] = parse_crop(values["crop"])
-        elif values.get("crop") is not None:
-            values["crop"] = tuple(int(v) for v in values["crop"])
+        values: dict[str, Any] = coerce_settings(load_toml(config), str(config)) if config else {}
+        values.update(coerce_settings({k: v for k, v in given.items() if v is not None}, "the command line"))
         for key in ("archive", "out"):
             if key not in values:
                 raise XrcamConfigError(f"no {key} given: pass it on the command line or in the config file")
@@ -91,6 +93,7 @@ class RunSettings:
             "model": self.model,
             "checkpoint": self.checkpoint,
             "checkpoint_sha256": checkpoint_sha256,
+            "random_init": None if self.checkpoint else self.random_init,
             "classes": list(classes),
             "dropout": self.dropout,
             "methods": list(self.methods or ()),
@@ -142,16 +145,74 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def parse_crop(text: str) -> tuple[int, int, int]:
-    """``"x,y,size"`` -> ``(x, y, size)``."""
+    """Deprecated alias of :meth:`xrcam.preprocess.Crop.parse` (kept until its last caller moves)."""
     try:
-        x, y, size = (int(part) for part in text.split(","))
-    except ValueError:
-        raise XrcamConfigError(
-            f"crop must be three integers x,y,size (e.g. 173,174,230), got {text!r}"
-        ) from None
-    if x < 0 or y < 0 or size < 1:
-        raise XrcamConfigError(f"crop {text!r}: x and y must be >= 0 and size >= 1")
-    return x, y, size
+        return _crop(text, "crop")
+    except ValueError as exc:
+        raise XrcamConfigError(str(exc)) from None
+
+
+_INT = ("frame_step", "chunk_frames", "shard_chunks", "batch_size", "workers", "random_init")
+_TEXT = ("archive", "out", "model", "checkpoint", "rules", "clrp", "address", "split", "device")
+_NAMES = ("classes", "methods", "layers")
+_FLAGS = ("overwrite", "skip_unknown_labels")
+
+
+def _crop(value: Any, key: str) -> tuple[int, int, int]:
+    from xrcam.preprocess import Crop
+
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be 'x,y,size' (e.g. \"173,174,230\"), got {value!r}")
+    return tuple(Crop.parse(value))
+
+
+def coerce_settings(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``values`` with each setting checked for its type (and comma lists split), or one sentence
+    naming the key, its value and what it must be: ``run.toml: batch_size = 'eight' must be an integer``."""
+    out = dict(values)
+    for key, value in values.items():
+        kind = None
+        try:
+            if key in _INT:
+                kind = "an integer"
+                if isinstance(value, bool) or not isinstance(value, int):
+                    if not (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+                        raise ValueError
+                    value = int(value)
+            elif key == "dropout":
+                kind = "a number between 0 and 1"
+                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                    raise ValueError
+                value = float(value)
+            elif key in _TEXT:
+                kind = "a text value"
+                if not isinstance(value, str):
+                    raise ValueError
+            elif key in _NAMES:
+                kind = 'a list of names ("a,b" or ["a", "b"])'
+                if isinstance(value, str):
+                    value = tuple(filter(None, (part.strip() for part in value.split(","))))
+                elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                    value = tuple(v.strip() for v in value)
+                else:
+                    raise ValueError
+            elif key in _FLAGS:
+                kind = "true or false"
+                if not isinstance(value, bool):
+                    raise ValueError
+            elif key == "crop":
+                value = _crop(value, key)
+            elif key == "preprocessing":
+                kind = "a table of preprocessing settings"
+                if not isinstance(value, Mapping):
+                    raise ValueError
+        except (ValueError, TypeError) as exc:
+            reason = f"must be {kind}" if kind else str(exc)
+            raise XrcamConfigError(f"{source}: {key} = {value!r} {reason}") from None
+        out[key] = value
+    return out
 
 
 def _with_sidecar(values: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
