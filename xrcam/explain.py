@@ -20,35 +20,62 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from xrcam.errors import XrcamConfigError
+from xrcam.hooks import capture, model_state
 from xrcam.lrp import Composite, lrp_context, make_composite
+from xrcam.models import stage_names
 
 __all__ = [
     "Explanation",
     "Explainer",
+    "Family",
+    "FAMILIES",
     "Method",
     "create_explainer",
+    "default_relu",
     "list_methods",
+    "method_family",
     "register_method",
     "stage_signals",
     "StageSignals",
-    "DEFAULT_LAYERS",
     "CLRP_STARTS",
 ]
 
-DEFAULT_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 CLRP_STARTS = ("unit", "logit")
-FAMILIES = ("gradient", "relevance")
 
 # --------------------------------------------------------------------------------------------------------
-# Method registry (timm's register_model idea): plain strings select methods everywhere.
+# Method registry (timm's register_model idea): plain strings select methods everywhere. The registry is
+# the only source of a method's family, and the family the only source of its post-processing defaults:
+# adding a method is one decorated function here.
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a family of methods reads and how its maps are treated downstream.
+
+    ``signal``: ``"gradient"`` (g = ∂ logit_target / ∂A) or ``"relevance"`` (contrastive LRP R at A).
+    ``relu``: whether maps are rectified before normalising by default (SPEC §5; :mod:`xrcam.scoring`).
+    ``score``: the score ``S_c`` the axiom metrics use (``"logit"``: L_t; ``"contrastive"``: the total
+    relevance of a CLRP ``"logit"`` start; :mod:`xrcam.metrics`).
+    """
+
+    name: str
+    relu: bool
+    score: str
+
+
+FAMILIES: dict[str, Family] = {
+    # the gradient papers and peer libraries rectify; the published XRelevanceCAM code does not, so
+    # negative relevance stays at the bottom of the scale
+    "gradient": Family("gradient", relu=True, score="logit"),
+    "relevance": Family("relevance", relu=False, score="contrastive"),
+}
 
 
 @dataclass(frozen=True)
@@ -66,7 +93,7 @@ _METHODS: dict[str, Method] = {}
 def register_method(name: str, family: str) -> Callable:
     """Decorator registering ``fn(signal, activation) -> weights`` as method ``name`` of ``family``."""
     if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
 
     def decorate(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
         _METHODS[name] = Method(name, family, fn)
@@ -78,6 +105,21 @@ def register_method(name: str, family: str) -> Callable:
 def list_methods(family: str | None = None) -> list[str]:
     """Registered method names (registration order), optionally of one family only."""
     return [m.name for m in _METHODS.values() if family is None or m.family == family]
+
+
+def method_family(method: str) -> Family | None:
+    """The :class:`Family` of a registered method; ``None`` for other names (reference maps, sign checks)."""
+    entry = _METHODS.get(method)
+    return None if entry is None else FAMILIES[entry.family]
+
+
+def default_relu(method: str) -> bool:
+    """Whether ``method``'s maps are rectified before normalising by default: its family's ``relu``.
+
+    Names that are not registered methods (reference maps, ``inverted_<method>`` sign checks) are not.
+    """
+    family = method_family(method)
+    return family is not None and family.relu
 
 
 def _spatial_sum(t: Tensor) -> Tensor:
@@ -176,26 +218,10 @@ def clrp_start(logits: Tensor, target: Tensor, clrp: str = "unit") -> Tensor:
     return start
 
 
-@contextmanager
-def _captured(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, Tensor]]:
-    store: dict[str, Tensor] = {}
-    handles = []
-    try:
-        for name in layers:
-            module = model.get_submodule(name)
-            handles.append(
-                module.register_forward_hook(lambda _m, _i, out, _n=name: store.__setitem__(_n, out))
-            )
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def stage_signals(
     model: nn.Module,
     images: Tensor,
-    layers: Sequence[str] = DEFAULT_LAYERS,
+    layers: Sequence[str] | None = None,
     target: int | Sequence[int] | Tensor | None = None,
     *,
     gradients: bool = True,
@@ -206,10 +232,12 @@ def stage_signals(
 ) -> StageSignals:
     """One forward pass of ``model`` (in whatever mode the caller set) and the requested backward passes.
 
-    ``images`` must require grad or the model's parameters must, so the forward builds a graph;
-    :class:`Explainer` takes care of that and of the model's state.
+    ``layers`` default to the model's stages (:func:`xrcam.models.stage_names`). ``images`` must require
+    grad or the model's parameters must, so the forward builds a graph; :class:`Explainer` takes care
+    of that and of the model's state.
     """
-    with lrp_context(model, composite, track_leaks) as switch, _captured(model, layers) as acts:
+    layers = tuple(stage_names(model) if layers is None else layers)
+    with lrp_context(model, composite, track_leaks) as switch, capture(model, layers) as acts:
         logits = model(images)
         target_ = _resolve_target(target, logits)
         captured = [acts[name] for name in layers]
@@ -243,27 +271,6 @@ class Explanation:
     @property
     def probabilities(self) -> Tensor:
         return self.logits.softmax(dim=1)
-
-
-@contextmanager
-def _inference_state(model: nn.Module, monte_carlo: bool) -> Iterator[None]:
-    """Eval mode (dropout active for Monte-Carlo), parameters frozen; all flags restored on exit."""
-    training = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        if monte_carlo:
-            for m in model.modules():
-                if isinstance(m, nn.Dropout):
-                    m.train()
-        for p, _ in grads:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in grads:
-            p.requires_grad_(flag)
-        for m, flag in training:
-            m.training = flag
 
 
 def _rng_state(device: torch.device) -> Callable[[], None]:
@@ -323,7 +330,8 @@ class Explainer:
         reference = next(self.model.parameters())
         images = images.detach().to(device=reference.device, dtype=reference.dtype).requires_grad_(True)
         passes = self.mc_samples or 1
-        with _inference_state(self.model, monte_carlo=self.mc_samples is not None):
+        # eval mode (dropout active for Monte-Carlo), parameters frozen; every flag restored on exit
+        with model_state(self.model, training=False, dropout=self.mc_samples is not None, frozen=True):
             if self.mc_samples is not None and target is None:
                 rewind = _rng_state(images.device)
                 with torch.no_grad():
@@ -405,7 +413,7 @@ def _scale(exp: Explanation, factor: float) -> Explanation:
 def create_explainer(
     model: nn.Module,
     methods: str | Sequence[str] | None = None,
-    layers: Sequence[str] = DEFAULT_LAYERS,
+    layers: Sequence[str] | None = None,
     rules: str | Composite = "reference",
     clrp: str = "unit",
     *,
@@ -417,7 +425,7 @@ def create_explainer(
     """Build an :class:`Explainer`; nothing is attached to ``model`` until it is called.
 
     ``methods``: names from :func:`list_methods` (default: all). ``layers``: module names whose outputs
-    are explained. ``rules``: LRP preset (``"reference"``, ``"epsilon"``, ``"alphabeta"``, extra keyword
+    are explained (default: the model's stages, :func:`xrcam.models.stage_names`). ``rules``: LRP preset (``"reference"``, ``"epsilon"``, ``"alphabeta"``, extra keyword
     arguments such as ``epsilon=`` or ``alpha=, beta=`` go to it) or a :class:`~xrcam.lrp.Composite`.
     ``clrp``: ``"unit"`` (published code) or ``"logit"`` (paper's derivation, for axiom metrics).
     ``contributions``: also return each channel's Σ_hw term of the map. ``activations``: also return A.
@@ -432,14 +440,16 @@ def create_explainer(
         raise XrcamConfigError(f"unknown method(s) {unknown}; available: {', '.join(list_methods())}")
     if not methods or len(set(methods)) != len(methods):
         raise XrcamConfigError(f"methods must be a non-empty list without repeats, got {list(methods)}")
-    if isinstance(layers, str):
+    if layers is None:
+        layers = stage_names(model)
+    elif isinstance(layers, str):
         layers = [layers]
     names = dict(model.named_modules())
     missing = [name for name in layers if not name or name not in names]
     if missing or not layers:
         raise XrcamConfigError(
             f"layer(s) {missing or list(layers)} not found in the model; use stage names such as "
-            f"{', '.join(DEFAULT_LAYERS)}"
+            f"{', '.join(stage_names(model)) or 'layer1 ... layer4'}"
         )
     if clrp not in CLRP_STARTS:
         raise XrcamConfigError(f"clrp must be one of {CLRP_STARTS}, got {clrp!r}")

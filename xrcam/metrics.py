@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,11 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from xrcam.errors import XrcamConfigError
-from xrcam.explain import create_explainer
-from xrcam.postprocess import RELEVANCE_METHODS, normalize
+from xrcam.explain import create_explainer, method_family
+from xrcam.hooks import capture, model_state
+from xrcam.models import stage_names
+from xrcam.scoring import normalize
 
 __all__ = [
-    "STAGES",
     "AxiomResult",
     "MeanIoU",
     "ablation_logits",
@@ -52,9 +52,6 @@ __all__ = [
     "stage_activations",
     "stage_head",
 ]
-
-#: The four explained stages of a timm ResNet-family model, input side first.
-STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -114,8 +111,10 @@ def contrastive_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def score_function(method: str) -> ScoreFn:
-    """The score the axiom metrics use for ``method``: contrastive for LRP methods, logit otherwise."""
-    return contrastive_score if method in RELEVANCE_METHODS else logit_score
+    """The score the axiom metrics use for ``method``: its family's (:class:`xrcam.explain.Family`
+    ``score``): contrastive for the relevance family, the target logit otherwise."""
+    family = method_family(method)
+    return contrastive_score if family is not None and family.score == "contrastive" else logit_score
 
 
 # ------------------------------------------------------------------------------------ axioms
@@ -180,14 +179,16 @@ def ablation_logits(head: Head, activation: torch.Tensor, *, chunk_size: int = 6
 def stage_head(model: nn.Module, layer: str) -> Head:
     """Callable running a timm ResNet-family model from the output of ``layer`` to its logits.
 
-    It applies the stages above ``layer`` in order, then ``model.forward_head`` (pooling, dropout,
-    classifier). Only the network above the ablated stage is re-run.
+    It applies the stages above ``layer`` (:func:`xrcam.models.stage_names`) in order, then
+    ``model.forward_head`` (pooling, dropout, classifier). Only the network above the ablated stage is
+    re-run.
     """
-    if layer not in STAGES:
-        raise XrcamConfigError(f"unknown stage {layer!r}; explain one of {', '.join(STAGES)}")
+    stages = stage_names(model)
+    if layer not in stages:
+        raise XrcamConfigError(f"unknown stage {layer!r}; explain one of {', '.join(stages)}")
     if not hasattr(model, "forward_head"):
         raise XrcamConfigError(f"{type(model).__name__} has no forward_head; pass a head callable instead")
-    above = [model.get_submodule(name) for name in STAGES[STAGES.index(layer) + 1 :]]
+    above = [model.get_submodule(name) for name in stages[stages.index(layer) + 1 :]]
 
     def head(x: torch.Tensor) -> torch.Tensor:
         for stage in above:
@@ -197,36 +198,13 @@ def stage_head(model: nn.Module, layer: str) -> Head:
     return head
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run in eval mode and restore every module's own ``training`` flag afterwards."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
 def stage_activations(
     model: nn.Module, images: torch.Tensor, layers: Sequence[str]
 ) -> tuple[dict, torch.Tensor]:
     """Outputs of ``layers`` and the logits of one no-grad forward pass: ``({layer: A}, logits)``."""
-    captured: dict[str, torch.Tensor] = {}
-    handles = [
-        model.get_submodule(layer).register_forward_hook(
-            lambda _m, _i, out, layer=layer: captured.__setitem__(layer, out.detach())
-        )
-        for layer in layers
-    ]
-    try:
-        with torch.no_grad():
-            logits = model(images)
-    finally:
-        for h in handles:
-            h.remove()
-    return captured, logits
+    with capture(model, layers, detach=True) as captured, torch.no_grad():
+        logits = model(images)
+    return dict(captured), logits
 
 
 def axiom_metrics(
@@ -234,7 +212,7 @@ def axiom_metrics(
     images: torch.Tensor,
     *,
     methods: Sequence[str],
-    layers: Sequence[str] = STAGES,
+    layers: Sequence[str] | None = None,
     target: torch.Tensor | int | None = None,
     rules: str = "reference",
     chunk_size: int = 64,
@@ -245,10 +223,12 @@ def axiom_metrics(
     The explainer runs with ``clrp="logit"`` and ``contributions=True`` so that ``S_c`` is a real
     score and ``exp.contributions[method][layer][:, k] = sum_hw w_k A_k``. The ablated scores keep the
     explained target. ``heads`` overrides :func:`stage_head` per layer (for non-timm models).
-    The model runs in eval mode (dropout off); its flags are restored afterwards.
+    ``layers`` default to the model's stages. The model runs in eval mode (dropout off); its flags are
+    restored afterwards.
     """
+    layers = tuple(stage_names(model) if layers is None else layers)
     images = images.to(next(model.parameters()).device)
-    with _eval_mode(model):
+    with model_state(model, training=False):
         explainer = create_explainer(
             model, methods=list(methods), layers=tuple(layers), rules=rules, clrp="logit", contributions=True
         )
@@ -353,8 +333,8 @@ def cascading_randomization(
     images: torch.Tensor,
     *,
     methods: Sequence[str],
-    layers: Sequence[str] = STAGES,
-    stages: Sequence[str] = tuple(reversed(STAGES)),
+    layers: Sequence[str] | None = None,
+    stages: Sequence[str] | None = None,
     size: int | None = None,
     target: torch.Tensor | int | None = None,
     seed: int = 0,
@@ -364,8 +344,9 @@ def cascading_randomization(
     """Cascading randomisation from the top stage down (Adebayo et al. 2018, paper §4.7).
 
     Explains ``images`` with the trained model, then on a deep copy re-initialises ``stages`` one
-    after the other (layer4, then layer3, ...) and explains again after each step with the original
-    target. Each method/layer map is normalised (:func:`xrcam.postprocess.normalize` with ``relu``,
+    after the other (default: the model's stages from the top, layer4, then layer3, ...) and explains again after each step with the original
+    target (``layers``: default the model's stages). Each method/layer map is normalised
+    (:func:`xrcam.scoring.normalize` with ``relu``,
     None = family default; upsampled to ``size``) and compared with the original. Returns one record per
     (step, method, layer): ``step`` (1 = top stage randomised), ``randomized`` (e.g. ``"4+3"``),
     ``method``, ``layer``, mean ``spearman`` and ``ssim`` over the ``frames``, and ``spearman_frames``:
@@ -373,6 +354,8 @@ def cascading_randomization(
     none). The given model is not modified.
     """
     size = size or images.shape[-1]
+    layers = tuple(stage_names(model) if layers is None else layers)
+    stages = tuple(reversed(stage_names(model)) if stages is None else stages)
 
     def maps_of(net: nn.Module, tgt):
         exp = create_explainer(net, methods=list(methods), layers=tuple(layers), **explainer_options)(
@@ -384,7 +367,7 @@ def cascading_randomization(
             for layer in layers
         }
 
-    with _eval_mode(model):
+    with model_state(model, training=False):
         tgt, original = maps_of(model, target)
     randomized = copy.deepcopy(model).eval()
     records = []

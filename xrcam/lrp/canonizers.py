@@ -18,14 +18,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from timm.layers.selective_kernel import SelectiveKernel
+from timm.layers.selective_kernel import SelectiveKernel, SelectiveKernelAttn
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.sknet import SelectiveKernelBasic, SelectiveKernelBottleneck
 from torch import Tensor, nn
 
 from xrcam.lrp.rules import GatedSum, Sum, Switch, route
 
-__all__ = ["canonical_forward", "RESIDUAL_BLOCKS"]
+__all__ = ["canonical_forward", "HELD_CONSTANT", "RESIDUAL_BLOCKS"]
+
+# Modules whose outputs LRP treats as constants: no rule, no relevance (SPEC §4: the Selective-Kernel
+# attention gates); their ordinary gradient still flows in gradient mode.
+HELD_CONSTANT: tuple[type[nn.Module], ...] = (SelectiveKernelAttn,)
 
 # Residual branch of each timm block, in the order its own forward applies it, and its final activation.
 RESIDUAL_BLOCKS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {

@@ -196,13 +196,14 @@ class ZPlus:
 
 
 class AlphaBeta:
-    """LRP-αβ: ``α·R⁺ − β·R⁻`` with positive and negative products normalised separately (α − β = 1)."""
+    """LRP-αβ: ``α·R⁺ − β·R⁻`` with positive and negative products normalised separately.
+
+    Conserving for α − β = 1, which the ``"alphabeta"`` composite checks (:mod:`xrcam.lrp.composites`).
+    """
 
     keep_inputs = True
 
     def __init__(self, module: nn.Module, alpha: float = 2.0, beta: float = 1.0, signed_input: bool = False):
-        if abs(alpha - beta - 1.0) > 1e-9:
-            raise ValueError(f"LRP-alphabeta needs alpha - beta = 1, got alpha={alpha}, beta={beta}")
         self.layer, self.alpha, self.beta, self.signed_input = _Layer(module), alpha, beta, signed_input
 
     def __call__(self, relevance: Tensor, x: Tensor) -> tuple[Tensor]:
