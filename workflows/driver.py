@@ -6,12 +6,22 @@ Workers write their own chunks and return a manifest; the driver records the sha
 that, so a rerun skips exactly the shards whose data is complete. A worker that dies (killed, lost node)
 is replaced by a fresh actor and its shards are resubmitted; an error inside one video is recorded in
 the failures table and the run carries on.
+
+Before any of that, :func:`workflows.preflight.preflight` checks everything that can be checked without
+starting (settings, model, weights, classes, archive, labels), and the run takes the results folder's
+lock (:func:`workflows.lock.results_lock`), so a refused or concurrent run writes nothing. A worker that
+dies while starting is replaced like one that dies mid-shard (up to :data:`MAX_START_FAILURES` times);
+an error raised by its constructor is deterministic and aborts the run at once. A full disk stops the
+run cleanly: what finished is recorded and a rerun resumes.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
+import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -19,17 +29,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workflows.lock import results_lock
+from workflows.preflight import _split_entries, failure_row, preflight  # noqa: F401 (_split_entries: tests)
 from workflows.settings import RunSettings
 from workflows.store import ResultStore, VideoLayout, video_key
 from workflows.worker import Shard, ShardWorker
-from xrcam.errors import XrcamConfigError
+from xrcam.errors import XrcamConfigError, XrcamError, XrcamStorageError, storage_error
 
-__all__ = ["RunSummary", "plan_shards", "run", "start_ray"]
+__all__ = ["RunSummary", "plan_shards", "run", "start_ray", "FAILPOINT_ENVVAR"]
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # a shard whose worker dies this many times is recorded as failed
+MAX_START_FAILURES = 3  # workers that die while starting (killed, node lost) before the run gives up
 IN_FLIGHT_PER_WORKER = 2  # one running, one queued at the actor, so a worker never waits for the driver
+# Fault injection for the reliability tests: "kill-once:FILE" SIGKILLs the first worker that starts
+# (FILE records that it happened), "raise" makes every worker's constructor fail.
+FAILPOINT_ENVVAR = "XRCAM_TEST_WORKER_START"
+_NO_SPACE = re.compile(r"\[Errno (28|122)\]|No space left on device|Disk quota exceeded")
 
 
 @dataclass
@@ -48,6 +65,7 @@ class RunSummary:
     worker_restarts: int = 0
     seconds: float = 0.0
     startup_seconds: float = 0.0  # discovery, Ray start and worker start-up (model loading) before work flows
+    stopped: str | None = None  # why the run stopped before the end (a full disk), else None
     failures: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -74,15 +92,16 @@ def _covered(done: set[tuple[int, int]], start: int, stop: int) -> bool:
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Join the cluster at ``address`` or start a local Ray on 127.0.0.1 without dashboard.
+    """Deprecated (use :func:`workflows.ray_session.ray_session`): join ``address`` or start a local Ray.
 
     Returns whether this call started Ray (and so should shut it down); an already running Ray
-    (tests, notebooks) is reused.
+    (tests, notebooks) is reused. Kept until ``reduce`` and the pipeline benchmark switch.
     """
     if not address:
         # read by ray at import: the local node then uses 127.0.0.1 rather than an outward-facing IP
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default, set explicitly: no notice
     import ray
 
     if ray.is_initialized():
@@ -100,16 +119,6 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def _failure(entry_or_path, video_id: str, shard: int, error_type: str, message: str) -> dict[str, Any]:
-    return {
-        "path": str(entry_or_path),
-        "video_id": video_id,
-        "shard": shard,
-        "error_type": error_type,
-        "message": message,
-    }
-
-
 def run(
     settings: RunSettings,
     *,
@@ -119,89 +128,149 @@ def run(
     """Explain every video of the archive into ``settings.out``; see the module docstring.
 
     ``on_manifest`` is called with each shard's manifest as it arrives (progress hooks, tests).
-    Raises :class:`xrcam.errors.XrcamConfigError` when the store holds other settings.
+    Raises an :class:`xrcam.errors.XrcamError` with one sentence when the run is refused (bad
+    settings, weights, archive or labels; the store holds other settings; another process holds the
+    results folder) or stops on a file-system problem (:class:`~xrcam.errors.XrcamStorageError`).
     """
-    import xrcam
-    from xrcam.archive import discover_archive
+    started = time.perf_counter()
+    plan = preflight(settings)  # writes nothing, starts nothing
+    with results_lock(plan.settings.out, "run"):
+        return _run(plan, started, progress, on_manifest)
+
+
+def _run(plan, started: float, progress: bool, on_manifest) -> RunSummary:
     from xrcam.models import file_sha256
 
-    started = time.perf_counter()
-    archive = discover_archive(settings.archive)
-    entries = list(archive.entries)
-    if settings.split:
-        entries = _split_entries(entries, settings)
-    classes = list(settings.classes or sorted({e.label for e in archive.entries}))
-    methods = list(settings.methods or xrcam.list_methods())
-    settings = settings.replace(methods=tuple(methods), classes=tuple(classes))
+    settings, entries = plan.settings, plan.entries
+    classes = list(settings.classes)
     sha = file_sha256(settings.checkpoint) if settings.checkpoint else None
-    store = ResultStore.open(
-        settings.out, settings.store_settings(sha, classes), overwrite=settings.overwrite
-    )
+    try:
+        store = ResultStore.open(
+            settings.out, settings.store_settings(sha, classes), overwrite=settings.overwrite
+        )
+    except OSError as exc:
+        raise storage_error(exc, settings.out) from exc
     summary = RunSummary(results=str(store.root), videos=len(entries))
-    summary.failures = [
-        _failure(problem.path, _problem_video_id(problem, archive.root), -1, "XrcamInputError", str(problem))
-        for problem in archive.problems
-    ]
-    log.info("%d videos to explain (%d discovery problems)", len(entries), len(archive.problems))
+    summary.failures = list(plan.failures)
+    log.info("%d videos to explain (%d known problems)", len(entries), len(plan.failures))
 
     scheduler = _Scheduler(settings, store, summary, on_manifest)
-    for entry in entries:
-        scheduler.plan(entry)
-    if scheduler.todo:  # nothing to do (a finished rerun) starts no Ray at all
-        owns_ray = start_ray(settings.address)
-        import ray
-
-        try:
-            pool = _Pool(settings, classes, store)
-            summary.workers = len(pool.actors)
-            summary.startup_seconds = time.perf_counter() - started
-            scheduler.run(pool, progress)
-            summary.worker_restarts = pool.restarts
-            pool.close()
-        finally:
-            if owns_ray:
-                ray.shutdown()
+    problem: XrcamStorageError | None = None
+    try:
+        for entry in entries:
+            scheduler.plan(entry)
+        if scheduler.todo:  # nothing to do (a finished rerun) starts no Ray at all
+            with _ray(settings.address):
+                pool = _Pool(settings, classes, store)
+                try:
+                    summary.workers = len(pool.actors)
+                    summary.startup_seconds = time.perf_counter() - started
+                    scheduler.run(pool, progress)
+                finally:
+                    summary.worker_restarts = pool.restarts
+                    pool.close()
+        problem = scheduler.storage_problem
+    except OSError as exc:  # the driver's own writes (group metadata, completion markers)
+        problem = storage_error(exc, settings.out)
+    if problem is not None:
+        summary.stopped = str(problem)
 
     summary.videos_complete = sum(
-        1
-        for e in entries
-        if (g := store.video(video_key(e.video_id))) is not None and g.attrs.get("complete")
+        1 for e in entries if video_key(e.video_id) not in scheduler.failed_keys and _complete_for(store, e)
     )
     summary.seconds = time.perf_counter() - started
-    store.write_failures(summary.failures)
-    store.write_summary({**asdict(summary), "settings": settings.to_dict()})
+    recorded = _record(store, summary, settings)
+    if problem is not None:
+        done = (
+            "what finished is recorded in run.json"
+            if recorded
+            else "run.json could not be written either, but every finished shard is marked in the store"
+        )
+        raise XrcamStorageError(problem.path, f"{problem.problem} ({done})") from None
+    if recorded is not True:
+        raise recorded
     return summary
 
 
-def _split_entries(entries: list, settings: RunSettings) -> list:
-    """The videos of ``settings.split``: the checkpoint's own split when its sidecar records one
-    (so ``--split test`` explains exactly the videos the model never trained on), else a fresh
-    patient-level split with the library defaults."""
-    from xrcam.archive import split_patients
-    from xrcam.models import read_checkpoint_sidecar
-
-    recorded = (
-        (read_checkpoint_sidecar(settings.checkpoint) or {}).get("split") if settings.checkpoint else None
+def _complete_for(store: ResultStore, entry) -> bool:
+    """Whether ``entry``'s own group (not another video's under the same key) is complete."""
+    group = store.video(video_key(entry.video_id))
+    return (
+        group is not None
+        and bool(group.attrs.get("complete"))
+        and group.attrs.get("video_id", entry.video_id) == entry.video_id
     )
-    if recorded and recorded.get("videos"):
-        wanted = set(recorded["videos"].get(settings.split, []))
-        return [e for e in entries if e.video_id in wanted]
-    options = {k: recorded[k] for k in ("fractions", "seed") if recorded and recorded.get(k) is not None}
-    splits = split_patients(entries, **options)
-    return [e for e in entries if splits.get(e.patient) == settings.split]
 
 
-def _problem_video_id(problem, root: Path) -> str:
-    """The archive-relative id of the video a discovery problem belongs to (or of the file itself)."""
-    path = Path(getattr(problem, "video", None) or problem.path)
+def _record(store: ResultStore, summary: RunSummary, settings: RunSettings) -> bool | XrcamStorageError:
+    """Write failures.parquet and run.json; ``True``, or the storage error that prevented it."""
     try:
-        return path.resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        return path.name
+        store.write_failures(summary.failures)
+        store.write_summary({**asdict(summary), "settings": settings.to_dict()})
+    except OSError as exc:
+        return storage_error(exc, store.root)
+    return True
+
+
+def _ray(address: str | None):
+    """The Ray session of a run: :func:`workflows.ray_session.ray_session`, and for a Ray we start
+    locally, :func:`workflows.ray_guard.orphan_guard` so its processes die with this one."""
+    import contextlib
+
+    from workflows.ray_guard import orphan_guard
+    from workflows.ray_session import ray_session, resolve_address
+
+    @contextlib.contextmanager
+    def session():
+        import ray
+
+        local = not resolve_address(address) and not ray.is_initialized()
+        with orphan_guard(enabled=local), ray_session(address):
+            yield
+
+    return session()
+
+
+class _Worker(ShardWorker):
+    """The actor class: a :class:`ShardWorker` whose random initialisation (``--random-init``) is seeded,
+    so every worker, and every replacement, builds the same weights (those of
+    ``xrcam.load_model(..., seed=SEED)``)."""
+
+    def __init__(self, settings, *args, **kwargs):
+        failpoint = os.environ.get(FAILPOINT_ENVVAR, "")
+        if failpoint == "raise":
+            raise XrcamConfigError(f"{FAILPOINT_ENVVAR}=raise: this worker refuses to start")
+        if failpoint.startswith("kill-once:"):
+            marker = Path(failpoint.removeprefix("kill-once:"))
+            try:
+                with open(marker, "x") as fh:
+                    fh.write(str(os.getpid()))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        if settings.get("random_init") is not None and not settings.get("checkpoint"):
+            import torch
+
+            torch.manual_seed(int(settings["random_init"]))  # consumed by load_model's create_model
+        super().__init__(settings, *args, **kwargs)
+
+
+def _reason(exc: BaseException) -> str:
+    """The last line of a Ray error that names a Python error, else its first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if re.search(r"\w+(Error|Exception): ", line)]
+    return (named or lines or [type(exc).__name__])[-1]
 
 
 class _Pool:
-    """Worker actors, one per GPU (or CPU workers), with a bounded number of tasks each."""
+    """Worker actors, one per GPU (or CPU workers), with a bounded number of tasks each.
+
+    Start-up waits until every actor has built its model. An actor whose process dies meanwhile
+    (SIGKILL during model loading, a node lost) is replaced, up to :data:`MAX_START_FAILURES` times in
+    all; an exception raised by the worker's constructor is deterministic (every replacement would
+    raise it too) and aborts the run with its message.
+    """
 
     def __init__(self, settings: RunSettings, classes: list[str], store: ResultStore):
         import ray
@@ -216,7 +285,7 @@ class _Pool:
             count = settings.workers or max(1, cpus // 2)
             threads = max(1, cpus // count)
             options = {"num_cpus": threads}
-        self._remote = ray.remote(ShardWorker).options(max_restarts=0, **options)
+        self._remote = ray.remote(_Worker).options(max_restarts=0, **options)
         self._args = (
             settings.to_dict(),
             classes,
@@ -224,17 +293,44 @@ class _Pool:
             threads,
             logging.getLogger().getEffectiveLevel(),
         )
-        self.actors = [self._remote.remote(*self._args) for _ in range(count)]
+        self.actors: list[Any] = []
         self.restarts = 0
-        self.busy: dict[Any, int] = {actor: 0 for actor in self.actors}
-        # fail fast with the real reason when workers cannot even start (bad checkpoint, missing module)
+        self.start_failures = 0
+        self.busy: dict[Any, int] = {}
+        starting = {}
+        for _ in range(count):
+            actor = self._remote.remote(*self._args)
+            starting[actor.pid.remote()] = actor
         try:
-            ray.get([actor.pid.remote() for actor in self.actors])
-        except ray.exceptions.RayError as exc:
-            for actor in self.actors:
+            while starting:
+                [ref], _ = ray.wait(list(starting), num_returns=1)
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    self._start_failed(exc)
+                    fresh = self._remote.remote(*self._args)
+                    starting[fresh.pid.remote()] = fresh
+                    continue
+                self.actors.append(actor)
+                self.busy[actor] = 0
+        except BaseException:
+            for actor in [*self.actors, *starting.values()]:
                 ray.kill(actor)
-            reason = [line for line in str(exc).splitlines() if "Error" in line][-1:] or [str(exc)]
-            raise XrcamConfigError(f"the workers could not start: {reason[0].strip()}") from exc
+            raise
+
+    def _start_failed(self, exc: BaseException) -> None:
+        """A worker did not start: raise when that is deterministic or happened too often."""
+        if getattr(exc, "actor_init_failed", False):
+            raise XrcamConfigError(f"the workers could not start: {_reason(exc)}") from exc
+        self.start_failures += 1
+        if self.start_failures > MAX_START_FAILURES:
+            raise XrcamError(
+                f"workers died {self.start_failures} times while starting (last: {_reason(exc)}); "
+                "check the nodes' memory and logs, then rerun the same command to resume"
+            ) from exc
+        self.restarts += 1
+        log.warning("a worker died while starting; starting a fresh one (%d so far)", self.start_failures)
 
     def replace(self, actor) -> None:
         """Swap a dead actor for a fresh one."""
@@ -266,6 +362,8 @@ class _Scheduler:
         self.todo: deque[tuple[str, Any, int]] = deque()  # (kind, entry or Shard, attempt)
         self.frames_todo = 0
         self.bar = None
+        self.failed_keys: set[str] = set()  # videos with a failure in this run: never counted complete
+        self.storage_problem: XrcamStorageError | None = None  # set on a full disk: stop submitting
 
     def plan(self, entry) -> None:
         """Queue a video: its unfinished shards when its group exists, else a describe task first."""
@@ -326,8 +424,12 @@ class _Scheduler:
             )
             return
         except RayError as exc:  # the worker process died (killed, out of memory, node lost): retry elsewhere
+            if getattr(exc, "actor_init_failed", False):  # a replacement cannot start: deterministic
+                raise XrcamConfigError(f"a fresh worker could not start: {_reason(exc)}") from exc
             if actor in pool.busy:
                 pool.replace(actor)
+            if self.storage_problem is not None:
+                return
             if attempt < MAX_ATTEMPTS:
                 self.todo.appendleft((kind, item, attempt + 1))
             else:
@@ -338,10 +440,21 @@ class _Scheduler:
             return
         if result["error"]:
             error = result["error"]
+            if _NO_SPACE.search(str(error.get("message", ""))):
+                self._stop_on_full_disk(error["message"])
+                self._grow(-item.num_frames if kind == "process" else 0)
+                return
             self._fail(
-                entry, shard_index, error["error_type"], error["message"], item if kind == "process" else None
+                entry,
+                shard_index,
+                error["error_type"],
+                error["message"],
+                item if kind == "process" else None,
+                error.get("frame"),
             )
         elif kind == "describe":
+            if self.storage_problem is not None:
+                return
             self.store.create_video(result["layout"])
             self.plan(entry)
         else:
@@ -360,7 +473,25 @@ class _Scheduler:
             if self.on_manifest is not None:
                 self.on_manifest(result)
 
-    def _fail(self, entry, shard_index: int, error_type: str, message: str, shard: Shard | None) -> None:
-        self.summary.failures.append(_failure(entry.path, entry.video_id, shard_index, error_type, message))
+    def _stop_on_full_disk(self, message: str) -> None:
+        """The disk is full: submit nothing more; the tasks in flight still come back."""
+        if self.storage_problem is None:
+            self.storage_problem = storage_error(OSError(errno.ENOSPC, message), self.store.root)
+            log.error("%s: %s; stopping", self.store.root, message)
+        self.todo.clear()
+
+    def _fail(
+        self,
+        entry,
+        shard_index: int,
+        error_type: str,
+        message: str,
+        shard: Shard | None,
+        frame: int | None = None,
+    ) -> None:
+        self.failed_keys.add(video_key(entry.video_id))
+        self.summary.failures.append(
+            failure_row(entry.path, entry.video_id, shard_index, error_type, message, frame)
+        )
         if shard is not None:
             self._grow(-shard.num_frames)

@@ -199,8 +199,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 f"{path}: refused: the file carries pickled Python objects, and loading it could run code. "
                 "Re-save only the weights, e.g. torch.save(model.state_dict(), path) or xrcam.models.save_checkpoint"
             ) from exc
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise XrcamCheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+        except Exception as exc:  # torch's unpickler raises many types for damaged files
+            raise XrcamCheckpointError(
+                f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
+            ) from exc
     data = _unwrap(data)
     if (
         not isinstance(data, Mapping)

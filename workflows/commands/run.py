@@ -2,59 +2,113 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
+
+from workflows.settings import RunSettings
+
+_DEFAULTS = RunSettings.__dataclass_fields__  # defaults shown in --help come from the dataclass
 
 
 @click.command()
 @click.argument("archive", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Results folder (created).")
-@click.option(
-    "--config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    envvar="XRCAM_CONFIG",
-    help="TOML file with any of these settings (keys named like the options); options override it.",
-)
-@click.option(
-    "--model", envvar="XRCAM_MODEL", help="timm backbone (default skresnext50_32x4d, or the checkpoint's)."
-)
+@click.option("--model", help="timm backbone (default skresnext50_32x4d, or the checkpoint's).")
 @click.option(
     "--checkpoint",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    envvar="XRCAM_CHECKPOINT",
-    help="Fine-tuned weights; the JSON sidecar next to it supplies model, classes and preprocessing.",
+    help="Weights (a state_dict, a training script's checkpoint, DataParallel, .safetensors, torchvision "
+    "ResNet layout); the JSON sidecar next to it supplies model, classes and preprocessing.",
+)
+@click.option(
+    "--random-init",
+    type=click.IntRange(min=0),
+    metavar="SEED",
+    help="No checkpoint: explain with random weights drawn from SEED (every worker builds the same "
+    "ones; recorded in the store). For tests and demos: the maps then mean nothing.",
+)
+@click.option(
+    "--classes",
+    help="Comma-separated class names in the model's logit order. Required for a checkpoint without "
+    "a sidecar; with --random-init the sorted archive labels by default.",
+)
+@click.option(
+    "--skip-unknown-labels",
+    is_flag=True,
+    default=None,
+    help="Record videos whose label is not one of the classes as failures instead of refusing the run.",
 )
 @click.option("--methods", help="Comma-separated methods (default: all seven).")
-@click.option("--layers", help="Comma-separated stages (default: layer1,layer2,layer3,layer4).")
 @click.option(
-    "--batch-size", type=int, envvar="XRCAM_BATCH_SIZE", help="Frames per forward pass (default 16)."
+    "--rules",
+    default=_DEFAULTS["rules"].default,
+    show_default=True,
+    help="LRP rule preset of the relevance methods (reference, epsilon, alphabeta).",
+)
+@click.option(
+    "--clrp",
+    default=_DEFAULTS["clrp"].default,
+    show_default=True,
+    help="CLRP start relevance: unit (published code) or logit (the paper's derivation).",
+)
+@click.option(
+    "--layers",
+    default=",".join(_DEFAULTS["layers"].default),
+    show_default=True,
+    help="Comma-separated stages of the model.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS["batch_size"].default,
+    show_default=True,
+    help="Frames per forward pass.",
 )
 @click.option(
     "--workers",
-    type=int,
-    envvar="XRCAM_WORKERS",
+    type=click.IntRange(min=1),
     help="Worker actors (default: one per GPU, else half the CPU cores).",
 )
 @click.option(
     "--address",
-    envvar="XRCAM_ADDRESS",
     help="Ray cluster to join (e.g. 10.0.0.5:6379); without it a local Ray on 127.0.0.1 is started.",
 )
-@click.option("--frame-step", type=int, help="Keep every n-th frame from the first (default 2).")
+@click.option(
+    "--frame-step",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS["frame_step"].default,
+    show_default=True,
+    help="Keep every n-th frame from the first.",
+)
 @click.option("--crop", help="Fixed crop x,y,size in source pixels instead of per-video FOV detection.")
-@click.option("--chunk-frames", type=int, help="Frames per Zarr chunk (default 32).")
-@click.option("--shard-chunks", type=int, help="Chunks per shard, the unit of work of a worker (default 4).")
+@click.option(
+    "--chunk-frames",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS["chunk_frames"].default,
+    show_default=True,
+    help="Frames per Zarr chunk.",
+)
+@click.option(
+    "--shard-chunks",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS["shard_chunks"].default,
+    show_default=True,
+    help="Chunks per shard, the unit of work of a worker.",
+)
 @click.option(
     "--split", type=click.Choice(["train", "val", "test"]), help="Only the videos of this patient split."
 )
-@click.option("--device", envvar="XRCAM_DEVICE", help="Torch device for workers (default cuda when present).")
+@click.option("--device", help="Torch device for workers (default cuda when present).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a store written with other settings.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show the progress bar.")
-def command(config: Path | None, progress: bool, **options) -> None:
+def command(progress: bool, **options) -> None:
     """Explain every frame of ARCHIVE with all methods and layers into RESULTS/maps.zarr.
 
-    ARCHIVE is ROOT/<class>/<patient>/<videos> or a CSV/Parquet manifest. Without --address a local
+    ARCHIVE is ROOT/<class>/<patient>/<videos> or a CSV/Parquet manifest. Weights are required:
+    --checkpoint (classes from its sidecar or --classes), or --random-init SEED. Everything is checked
+    before anything starts; a refused run writes nothing. Without --address a local
     Ray bound to 127.0.0.1 is started (no dashboard); with one, the run joins that cluster. Rerunning
     the same command resumes: finished shards are skipped. Settings that differ from those recorded in
     an existing store are refused unless --overwrite. A video that cannot be read is recorded in
@@ -63,19 +117,22 @@ def command(config: Path | None, progress: bool, **options) -> None:
     \b
     Example:
       xrcam run archive/ --out results/ --checkpoint ckpt/model.pt --workers 2
+      xrcam run archive/ --out results/ --checkpoint resnet50.pth --model resnet50 \\
+                --classes glioblastoma,meningioma
       xrcam run --config run.toml --batch-size 8
     """
     from workflows.driver import run
-    from workflows.settings import RunSettings
-    from xrcam.errors import XrcamError
+    from xrcam.errors import XrcamError, storage_error
 
     try:
         settings = RunSettings.resolve(
-            config, **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+            None, **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
         )
         summary = run(settings, progress=progress)
     except XrcamError as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:  # a file-system problem no layer below turned into a sentence
+        raise click.ClickException(str(storage_error(exc))) from exc
     _print_summary(summary)
     if not summary.ok:
         raise click.exceptions.Exit(1)
@@ -102,7 +159,12 @@ def _print_summary(summary) -> None:
     click.echo(
         "Open them with:\n"
         "  import xarray as xr, zarr\n"
-        f"  keys = list(zarr.open_group('{maps}', mode='r')['videos'].group_keys())\n"
-        f"  ds = xr.open_zarr('{maps}', group=f'videos/{{keys[0]}}', consolidated=False)\n"
-        "Next: xrcam reduce " + summary.results
+        f"  keys = list(zarr.open_group({str(maps)!r}, mode='r')['videos'].group_keys())\n"
+        f"  ds = xr.open_zarr({str(maps)!r}, group=f'videos/{{keys[0]}}', consolidated=False)\n"
+        f"Next: {next_command('reduce', summary.results)}"
     )
+
+
+def next_command(*words: str) -> str:
+    """``xrcam WORDS...`` quoted for a POSIX shell, so it can be pasted (paths with spaces, quotes, $)."""
+    return shlex.join(["xrcam", *words])
