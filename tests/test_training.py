@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from xrcam.errors import XrcamConfigError
 from xrcam.synth import SynthConfig, write_archive
 from xrcam.training import SPLITS, TrainConfig, augment, fit, prepare_data
 
@@ -167,6 +168,34 @@ def test_augment_flips_rotates_and_keeps_the_mean_grey_under_contrast():
     assert not torch.allclose(contrasted.std((1, 2, 3)).sort().values, x.std((1, 2, 3)).sort().values)
     rotated = augment(x, torch.Generator().manual_seed(1), rotation_degrees=180, contrast=0)
     assert rotated.shape == x.shape and rotated.min() >= x.min() - 1e-6 and rotated.max() <= x.max() + 1e-6
+
+
+def test_classes_set_the_logit_order_and_must_cover_the_archive(archive, data):
+    labels = list(data.classes)
+    reversed_order = prepare_data(archive, TrainConfig(**TINY, classes=tuple(reversed(labels))))
+    assert reversed_order.classes == labels[::-1]
+    first = data.frames["train"]
+    flipped = reversed_order.frames["train"]
+    assert torch.equal(flipped.images, first.images)
+    assert torch.equal(flipped.labels, len(labels) - 1 - first.labels)  # the same frames, swapped indices
+    with pytest.raises(XrcamConfigError, match=f"{labels[1]}.*not among the classes"):
+        prepare_data(archive, TrainConfig(**TINY, classes=(labels[0], "other")))
+
+
+def test_cli_defaults_are_train_configs():
+    from click.testing import CliRunner
+
+    from workflows.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--help"])
+    defaults = TrainConfig()
+    for option, value in (
+        ("epochs", defaults.epochs),
+        ("batch-size", defaults.batch_size),
+        ("lr", defaults.lr),
+    ):
+        block = result.output.split(f"\n  --{option} ", 1)[1].split("\n  --", 1)[0]
+        assert f"default: {value}" in " ".join(block.split()), block
 
 
 def test_cli_trains_and_prints_test_accuracy(archive, tmp_path):

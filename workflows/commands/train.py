@@ -6,47 +6,56 @@ from pathlib import Path
 
 import click
 
+from workflows.commands.conventions import classes_option
+from xrcam.training.config import TrainConfig
+
+_DEFAULTS = TrainConfig()  # the one place the defaults are written; help shows them
+
 
 @click.command()
 @click.argument("archive", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Checkpoint folder."
 )
-@click.option("--model", default="skresnext50_32x4d", show_default=True, help="timm backbone.")
-@click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1), help="Most epochs.")
+@click.option("--model", default=_DEFAULTS.model, help="timm backbone.")
+@classes_option(
+    help="Comma-separated class names in the classifier's logit order (default: the sorted archive labels)."
+)
+@click.option("--epochs", default=_DEFAULTS.epochs, type=click.IntRange(min=1), help="Most epochs.")
 @click.option(
     "--batch-size",
-    default=32,
-    show_default=True,
+    default=_DEFAULTS.batch_size,
     type=click.IntRange(min=1),
     help="Global batch (split over --workers).",
 )
 @click.option(
     "--dropout",
     type=click.FloatRange(0, 1, max_open=True),
-    default=None,
+    default=_DEFAULTS.dropout,
     help="Dropout after each stage (the paper's variant uses 0.1). Off by default.",
 )
 @click.option(
     "--patience",
-    default=10,
-    show_default=True,
+    default=_DEFAULTS.patience,
     type=click.IntRange(min=1),
     help="Stop after this many epochs without validation improvement.",
 )
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0), help="AdaMax rate.")
-@click.option("--seed", default=0, show_default=True, help="Seeds the patient split, init and order.")
+@click.option("--lr", default=_DEFAULTS.lr, type=click.FloatRange(min=0), help="AdaMax rate.")
+@click.option("--seed", default=_DEFAULTS.seed, type=int, help="Seeds the patient split, init and order.")
 @click.option(
-    "--frame-step", default=2, show_default=True, type=click.IntRange(min=1), help="Keep every n-th frame."
+    "--frame-step", default=_DEFAULTS.frame_step, type=click.IntRange(min=1), help="Keep every n-th frame."
 )
 @click.option(
     "--max-frames-per-video",
     type=click.IntRange(min=1),
-    default=None,
+    default=_DEFAULTS.max_frames_per_video,
     help="Evenly spaced subset of the kept frames of each video.",
 )
 @click.option(
-    "--image-size", type=click.IntRange(min=16), default=None, help="Resize the FOV square to this size."
+    "--image-size",
+    type=click.IntRange(min=16),
+    default=_DEFAULTS.image_size,
+    help="Resize the FOV square to this size (default: the median crop side).",
 )
 @click.option(
     "--init-weights",
@@ -62,7 +71,6 @@ import click
 )
 @click.option(
     "--address",
-    envvar="XRCAM_ADDRESS",
     default=None,
     help="Ray cluster to join with --workers (default: a local Ray on 127.0.0.1).",
 )
@@ -70,14 +78,14 @@ import click
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
     default="auto",
-    show_default=True,
     help="Where to train; auto picks CUDA when present.",
 )
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 def command(
     archive: Path,
     out: Path,
     model: str,
+    classes: tuple[str, ...] | None,
     epochs: int,
     batch_size: int,
     dropout: float | None,
@@ -102,13 +110,11 @@ def command(
     needs — plus metrics.csv (one row per epoch) and last.pt. Running the same command again
     resumes from last.pt; a larger --epochs trains on. The test accuracy is printed at the end.
     """
-    from xrcam.errors import XrcamError
-    from xrcam.training import TrainConfig
-
     if address and workers is None:
         raise click.UsageError("--address needs --workers: it names the Ray cluster to train on.")
     config = TrainConfig(
         model=model,
+        classes=classes,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
@@ -120,10 +126,7 @@ def command(
         image_size=image_size,
         init_weights=None if init_weights is None else str(init_weights),
     )
-    try:
-        _train(archive, out, config, workers, address, device, progress)
-    except XrcamError as exc:
-        raise click.ClickException(str(exc)) from exc
+    _train(archive, out, config, workers, address, device, progress)  # an XrcamError exits 1 (docs/cli.md)
 
 
 def _train(
