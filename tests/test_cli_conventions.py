@@ -228,3 +228,9 @@ def test_a_real_domain_error_exits_1_with_one_line(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().startswith("Error: ")
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_toml_array_fills_a_comma_separated_option(base, tmp_path):
+    config = _toml(tmp_path / "a.toml", '[train]\nclasses = ["meningioma", "glioblastoma"]\n')
+    params = _parsed(("train",), [*base[("train",)], "--config", str(config)])
+    assert params["classes"] == ("meningioma", "glioblastoma")

@@ -198,6 +198,8 @@ def _checked(ctx: click.Context, param: click.Parameter, key: str, item: Any, so
         item = str((source.parent / Path(item).expanduser()).absolute())  # relative to the config file
     if param.multiple and isinstance(item, str):
         item = [item]
+    elif not param.multiple and param.nargs == 1 and isinstance(item, list):
+        item = ",".join(str(v) for v in item)  # a TOML array for a comma-separated option (methods, classes)
     try:
         param.type_cast_value(ctx, item)
     except click.BadParameter as exc:
