@@ -6,6 +6,11 @@ from pathlib import Path
 
 import click
 
+# Defaults mirror workflows.report.page.ReportOptions and workflows.report.video.export_overlay_video;
+# tests/test_report.py checks they agree (this module must stay light: no torch/matplotlib at import).
+_FRAMES, _VIDEOS, _GALLERY, _STRIP = 3, 24, 4, 8
+_METHOD, _LAYER_SET, _FPS = "xrelevancecam", "4+3+2+1", "10"
+
 
 @click.command()
 @click.argument("results", type=click.Path(file_okay=False, path_type=Path))
@@ -18,47 +23,72 @@ import click
 @click.option(
     "--frames",
     type=click.IntRange(min=0),
-    default=4,
+    default=_FRAMES,
     show_default=True,
-    help="Sample frames shown as map and mask grids (annotated, correctly classified ones first).",
+    help="Sample frames per class shown as method x layer grids (3: the best, a typical and the worst by IoU).",
+)
+@click.option(
+    "--videos",
+    type=click.IntRange(min=0),
+    default=_VIDEOS,
+    show_default=True,
+    help="Videos that get their own section (probability and IoU along the video, overlay strip).",
+)
+@click.option(
+    "--gallery",
+    type=click.IntRange(min=0),
+    default=_GALLERY,
+    show_default=True,
+    help="Frames in the gallery of where XRelevanceCAM and the gradient family disagree most.",
 )
 @click.option(
     "--overlay-video",
     "video_key",
     default=None,
     metavar="VIDEO_KEY",
-    help="Also write RESULTS/overlay_<VIDEO_KEY>.mp4: the video's frames with saliency overlaid "
-    "(VIDEO_KEY is the video id with '/' replaced by '__', as in maps.zarr/videos/).",
+    help="Also write RESULTS/overlay_<VIDEO_KEY>.mp4: the video's frames with saliency overlaid, the class, "
+    "prediction, probability and a colour bar burnt in (VIDEO_KEY as in maps.zarr/videos/).",
 )
-@click.option("--method", default="xrelevancecam", show_default=True, help="Method of the overlay video.")
-@click.option("--layer-set", default="4+3+2+1", show_default=True, help="Layer set of the overlay video.")
+@click.option("--method", default=_METHOD, show_default=True, help="Method of the overlay video.")
+@click.option("--layer-set", default=_LAYER_SET, show_default=True, help="Layer set of the overlay video.")
 @click.option(
-    "--fps", type=click.FloatRange(min=1), default=10, show_default=True, help="Overlay video frame rate."
+    "--fps",
+    default=_FPS,
+    show_default=True,
+    metavar="RATE",
+    help="Overlay video frame rate, written exactly: 7.5 or 30000/1001 (a rate that cannot be encoded exactly is refused).",
 )
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 def command(
     results: Path,
     out: Path | None,
     frames: int,
+    videos: int,
+    gallery: int,
     video_key: str | None,
     method: str,
     layer_set: str,
-    fps: float,
+    fps: str,
+    progress: bool,
 ) -> None:
     """Write an HTML report of RESULTS after `xrcam reduce`.
 
-    The page needs no network: styles are inline and every image is an embedded PNG. It holds the
-    run's settings, Tables 1, 2 and 4 as in the paper (best value per column in bold), classification
-    accuracy per class and per patient, mIoU bar charts, and for a sample of frames the grids of the
-    paper's Figs. 2-3: each method's map per layer as a colour overlay and its masks against the
-    ground-truth contour. Frames are reread from the archive the run used; if it has moved, the maps
-    are drawn on grey and the report says so.
+    One page, no network, no JavaScript: the paper's Tables 1, 2 (3, 4 where computed) with 95 %
+    confidence intervals over patients and the reference rows, bar charts, sample frames of each
+    class (best, typical, worst), the frames where the methods disagree most, the classification
+    verdict per patient and per video, and a section per video with its probability and IoU along
+    the video. docs/report.md says how to read each figure.
+
+    Example: xrcam report results/ --overlay-video meningioma__P01__V01.mkt --fps 7.5
     """
-    from workflows.report import build_report, export_overlay_video
+    from workflows.report import ReportOptions, build_report, export_overlay_video, parse_fps
     from xrcam.errors import XrcamError
 
     try:
-        path = build_report(results, out, frames=frames)
-        click.echo(f"Report: {path}")
+        rate = parse_fps(fps) if video_key else None
+        options = ReportOptions(frames=frames, videos=videos, gallery=gallery)
+        path = build_report(results, out, options=options, progress=progress)
+        click.echo(f"Report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
         if video_key:
             video = export_overlay_video(
                 results,
@@ -66,8 +96,8 @@ def command(
                 results / f"overlay_{video_key}.mp4",
                 method=method,
                 layer_set=layer_set,
-                fps=fps,
+                fps=rate,
             )
-            click.echo(f"Overlay video: {video}")
+            click.echo(f"Overlay video: {video} ({rate} fps)")
     except XrcamError as exc:
         raise click.ClickException(str(exc)) from exc
