@@ -6,12 +6,12 @@ no explanations; with ``archive`` the store points at a real synthetic archive, 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from workflows.store import ResultStore, VideoLayout, map_name
+from workflows.store import ResultStore, VideoLayout
 
 CLASSES = ["glioblastoma", "meningioma"]
 METHODS = ("gradcam", "relevancecam", "xrelevancecam")
@@ -45,23 +45,23 @@ def _settings(root: Path, archive: Path | None, chunk: int) -> dict:
 
 
 def _write_video(store, rng, layout: VideoLayout, gt: np.ndarray, has_gt: np.ndarray, centres: np.ndarray):
+    """Create and write one video as a single work shard (the random draws are those of store format 1)."""
     frames = gt.shape[0]
+    layout = replace(layout, shard_frames=-(-frames // store.chunk_frames) * store.chunk_frames)
     store.create_video(layout)
     logits = rng.normal(size=(frames, 2)).astype(np.float32)
     logits[:, layout.label_index] += 1.0  # mostly right, sometimes wrong
-    arrays = {
-        "frame_index": np.arange(0, layout.frame_step * frames, layout.frame_step),
-        "logits": logits,
-        "probabilities": torch.softmax(torch.from_numpy(logits), 1).numpy(),
-        "predicted": logits.argmax(1),
-        "gt_mask": gt.astype(np.uint8),
-        "has_gt_mask": has_gt,
+    maps = {
+        layer: np.empty((len(METHODS), frames, *shape), np.float16)
+        for layer, shape in layout.map_shapes.items()
     }
-    for m, method in enumerate(METHODS):
+    for m, _method in enumerate(METHODS):
         for layer, shape in layout.map_shapes.items():
             noise = rng.normal(scale=0.1 * (m + 1), size=(frames, *shape))
-            arrays[map_name(method, layer)] = (blob(shape, centres, 0.15) + noise).astype(np.float16)
-    store.write(layout.key, 0, arrays)
+            maps[layer][m] = (blob(shape, centres, 0.15) + noise).astype(np.float16)
+    store.write_shard(
+        layout.key, 0, logits=logits, gt_mask=gt.astype(np.uint8), has_gt_mask=has_gt, maps=maps
+    )
     store.mark_done(layout.key, 0, frames)
 
 

@@ -1,13 +1,15 @@
-"""The results store: layout per docs/architecture.md, settings check on reopen, completion markers, tables."""
+"""The results store: xarray-native layout, sharding, video keys, format check, resume checks, failures."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from workflows.settings import RunSettings, load_toml, parse_crop
-from workflows.store import ResultStore, VideoLayout, map_name, video_key
+from workflows.store import ResultStore, VideoLayout, video_id_of_key, video_key
 from xrcam.errors import XrcamConfigError
 
 SETTINGS = {
@@ -36,44 +38,105 @@ LAYOUT = VideoLayout(
 )
 
 
-def test_layout_matches_the_contract_and_xarray_opens_it(tmp_path):
-    xr = pytest.importorskip("xarray")
+def _write_all(store, layout=LAYOUT, seed=0):
+    """Write every shard of ``layout`` as workers do; returns the maps written."""
+    rng = np.random.default_rng(seed)
+    n, shard = layout.num_frames, store.shard_frames(layout)
+    maps = {
+        layer: rng.normal(size=(len(store.methods), n, *shape)).astype(np.float16)
+        for layer, shape in layout.map_shapes.items()
+    }
+    gt = rng.random((n, layout.size, layout.size)) > 0.7
+    logits = rng.normal(size=(n, 2)).astype(np.float32)
+    for start in range(0, n, shard):
+        stop = min(start + shard, n)
+        store.write_shard(
+            layout.key,
+            start,
+            logits=logits[start:stop],
+            gt_mask=gt[start:stop],
+            has_gt_mask=np.arange(start, stop) % 2 == 0,
+            maps={layer: m[:, start:stop] for layer, m in maps.items()},
+        )
+        store.mark_done(layout.key, start, stop)
+    return maps, gt, logits
+
+
+def test_xarray_opens_every_video_in_one_call_without_warnings(tmp_path):
+    import warnings
+
+    import matplotlib
+    import xarray as xr
+
+    matplotlib.use("Agg")
     store = ResultStore.open(tmp_path, SETTINGS)
     store.create_video(LAYOUT)
-    assert LAYOUT.key == "meningioma__p1__video 1.mkt" == video_key(LAYOUT.video_id)
-    assert LAYOUT.num_frames == 10  # ceil(19 / 2): frames 0, 2, ..., 18
-    group = store.video(LAYOUT.key)
-    expected = {
-        "frame_index": ((10,), "int64"),
-        "logits": ((10, 2), "float32"),
-        "probabilities": ((10, 2), "float32"),
-        "predicted": ((10,), "int64"),
-        "gt_mask": ((10, 24, 24), "uint8"),
-        "has_gt_mask": ((10,), "bool"),
-        "gradcam_layer1": ((10, 6, 6), "float16"),
-        "xrelevancecam_layer4": ((10, 1, 1), "float16"),
-    }
-    for name, (shape, dtype) in expected.items():
-        assert group[name].shape == shape, name
-        assert group[name].dtype == np.dtype(dtype), name
-        assert group[name].chunks[0] == 4, name
-    assert len(list(group.array_keys())) == 6 + 2 * 2
-    attrs = group.attrs.asdict()
-    for key in ("video_id", "patient", "label", "label_index", "crop", "frame_step", "num_source_frames"):
-        assert key in attrs
-    assert store.group.attrs["settings"]["model"] == "resnet18"
-    assert "xrcam_version" in store.group.attrs
+    maps, gt, logits = _write_all(store)
+    other = replace(LAYOUT, video_id="glioblastoma/p2/v.mkt", label="glioblastoma", label_index=0)
+    store.create_video(other)
+    _write_all(store, other, seed=1)
+    store.write_summary({"videos": 2})  # the end of a run consolidates the metadata
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tree = xr.open_datatree(tmp_path / "maps.zarr", engine="zarr")
+        ds = tree[LAYOUT.key].to_dataset()
+    assert sorted(tree.children) == sorted([LAYOUT.key, other.key])
+    assert ds["layer1"].dims == ("cam", "frame", "layer1_y", "layer1_x")
+    assert list(ds["cam"].values) == SETTINGS["methods"] and list(ds["class"].values) == SETTINGS["classes"]
+    assert ds["frame"].values.tolist() == list(range(0, 19, 2))  # original frame indices
+    np.testing.assert_array_equal(ds["layer1"].sel(cam="xrelevancecam").values, maps["layer1"][1])
+    np.testing.assert_array_equal(ds["gt_mask"].values > 0, gt)
+    np.testing.assert_array_equal(ds["logits"].values, logits)
+    # y counts up from the bottom row, so imshow puts row 0 (the top of the crop) at the top
+    assert ds["y"].values[0] == LAYOUT.size - 1 and ds["x"].values[0] == 0
+    ax = ds["gt_mask"].isel(frame=0).plot.imshow()
+    top = ax.axes.get_ylim()[1]
+    assert top == pytest.approx(LAYOUT.size - 0.5)
+    assert "source_row" in ds["y"].attrs and "5 +" in ds["x"].attrs["source_column"]
+    assert ds["layer4_y"].values.tolist() == [11.5]  # one cell over 24 px: its centre
 
-    store.write(
-        LAYOUT.key, 0, {"frame_index": np.arange(0, 8, 2), map_name("gradcam", "layer1"): np.ones((4, 6, 6))}
+
+def test_shards_follow_the_work_shards_and_files_stay_few(tmp_path):
+    store = ResultStore.open(tmp_path, SETTINGS)
+    layout = replace(LAYOUT, num_source_frames=80, shard_frames=8)  # 40 kept frames, 5 work shards
+    store.create_video(layout)
+    _write_all(store, layout)
+    shard_files = sorted((tmp_path / "maps.zarr" / layout.key / "layer1" / "c").rglob("*"))
+    shard_files = [p for p in shard_files if p.is_file()]
+    assert len(shard_files) == 5  # one file per work shard, whatever the chunk count inside
+    with pytest.raises(XrcamConfigError, match="work shard"):
+        store.write_shard(
+            layout.key,
+            4,
+            logits=np.zeros((4, 2), np.float32),
+            gt_mask=np.zeros((4, 24, 24)),
+            has_gt_mask=np.zeros(4, bool),
+            maps={},
+        )
+    files = [p for p in (tmp_path / "maps.zarr").rglob("*") if p.is_file()]
+    per_shard_arrays = 3 + len(layout.map_shapes)  # logits, gt_mask, has_gt_mask, one per stage
+    assert len(files) <= 40 + 5 * per_shard_arrays  # a fixed overhead per video, then per shard
+
+
+def test_video_keys_are_injective_and_invertible():
+    ids = ["a/b__c.mkt", "a__b/c.mkt", "a/b_/c", "a/b/_c", "a_/b", "x%2Fy/z", "x//y", "__z/y", "a/b/c.mkt"]
+    keys = [video_key(i) for i in ids]
+    assert len(set(keys)) == len(ids)
+    assert [video_id_of_key(k) for k in keys] == ids
+    assert video_key("meningioma/P01/V01.mkt") == "meningioma__P01__V01.mkt"
+    assert video_key("a/b_c/d.mkt") == "a__b_c__d.mkt"  # a lone underscore stays readable
+    assert all(not k.startswith("__") for k in keys)
+
+
+def test_a_store_of_the_old_format_is_refused_with_how_to_redo_it(tmp_path):
+    import zarr
+
+    zarr.open_group(tmp_path / "maps.zarr", mode="w", attributes={"settings": SETTINGS}).require_group(
+        "videos"
     )
-    ds = xr.open_zarr(tmp_path / "maps.zarr", group=f"videos/{LAYOUT.key}", consolidated=False)
-    assert ds["gradcam_layer1"].dims == ("frame", "layer1_y", "layer1_x")
-    assert ds["logits"].dims == ("frame", "class")
-    assert ds["gt_mask"].dims == ("frame", "y", "x")
-    assert ds["frame_index"].values[:4].tolist() == [0, 2, 4, 6]
-    assert ds["frame_index"].values[4:].tolist() == [-1] * 6  # not written yet: the fill value says so
-    assert np.isnan(ds["gradcam_layer1"].values[4:]).all()
+    for opener in (lambda: ResultStore.open(tmp_path), lambda: ResultStore.open(tmp_path, SETTINGS)):
+        with pytest.raises(XrcamConfigError, match="format 1.*--overwrite"):
+            opener()
 
 
 def test_reopening_with_other_settings_names_the_difference(tmp_path):
@@ -108,6 +171,7 @@ def test_failures_table_reads_with_pandas_even_when_empty(tmp_path):
         "path",
         "video_id",
         "shard",
+        "frame",
         "error_type",
         "message",
     ]
@@ -116,10 +180,12 @@ def test_failures_table_reads_with_pandas_even_when_empty(tmp_path):
         "video_id": "b.mkt",
         "shard": 2,
         "error_type": "XrcamInputError",
-        "message": "/a/b.mkt: x",
+        "message": "x",
     }
-    table = pd.read_parquet(store.write_failures([row]))
-    assert table.to_dict("records") == [row]
+    frame_row = {**row, "shard": 0, "frame": 14, "message": "bad mask"}
+    table = pd.read_parquet(store.write_failures([row, frame_row]))
+    assert table.loc[0, "shard"] == 2 and pd.isna(table.loc[0, "frame"])
+    assert table.loc[1, "frame"] == 14 and table.loc[1, "message"] == "bad mask"
 
 
 def test_settings_merge_toml_then_options(tmp_path):
@@ -144,7 +210,7 @@ def test_settings_merge_toml_then_options(tmp_path):
 def test_a_half_created_video_group_counts_as_missing(tmp_path):
     store = ResultStore.open(tmp_path, SETTINGS)
     group = store.create_video(LAYOUT)
-    del group["xrelevancecam_layer4"]  # as if the driver died while creating the arrays
-    assert store.layout(LAYOUT.key) is None
+    group.attrs["created"] = False  # as if the driver died while creating the arrays
+    assert ResultStore.open(tmp_path).layout(LAYOUT.key) is None
     store.create_video(LAYOUT)
-    assert store.layout(LAYOUT.key) == LAYOUT
+    assert ResultStore.open(tmp_path).layout(LAYOUT.key) == LAYOUT

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from workflows.reduce import axiom_table
+from workflows.tables import axiom_table
 from workflows.settings import RunSettings
 from xrcam.errors import XrcamConfigError
 

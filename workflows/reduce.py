@@ -1,230 +1,135 @@
-"""Reduction of a results folder: per-layer maps -> aggregated maps, masks, a Parquet metrics dataset, tables.
+"""Reduction of a results folder: raw per-stage maps -> metrics (Parquet) and the paper's tables.
 
-``xrcam run`` stores each method's raw maps at each stage's own resolution. Reduction derives what the
-paper evaluates (SPEC §5-6), one video at a time and one chunk of frames at a time so memory stays
-bounded whatever the archive size:
+``xrcam run`` stores each method's raw maps at each stage's own resolution. Reduction scores them with
+the one scoring core (:func:`xrcam.scoring.score_stacks`: upsample, normalise, aggregate over each
+layer set, threshold, IoU - batched over frames and methods), one video at a time and one store chunk
+at a time so memory stays bounded whatever the archive size, and writes (see :mod:`workflows.tables`):
 
-- per layer set (``"4"``, ``"4+3"``, ...): the aggregated map on the crop grid, written back into the
-  video's group as ``agg_<method>_<set-id>`` (float16, multi-layer sets only: a single layer's map is
-  the stored ``<method>_<layer>`` array, normalised on read) and the mask as ``mask_<method>_<set-id>``
-  (uint8 0/1, bit-shuffled so it compresses like a bit-packed array) for every set;
-- one Parquet row per (video, frame, method, layer set) in ``RESULTS/metrics/<method>/part-0.parquet``;
-- the dataset-wide tables in ``RESULTS/summary/`` shaped like the paper's Tables 1, 2 and 4, plus
-  classification accuracy per class and per patient.
+- one row per (video, frame, method, layer set) in ``RESULTS/metrics/method=<m>/``; reference rows
+  (``random``, ``centre``, ``oracle``, ``intensity``, ``inverted_<method>``, ``is_reference``) on the
+  annotated frames;
+- the per-frame agreement of every method with XRelevanceCAM in ``RESULTS/agreement/``;
+- the dataset-wide tables in ``RESULTS/summary/`` (Tables 1, 2, 4, accuracy, agreement).
 
-Videos run in parallel as Ray tasks (each task is the only writer of its video's group); the driver
-streams their rows into one Parquet writer per method. A rerun replaces everything it wrote.
+Nothing is written back into ``maps.zarr``: aggregated maps and masks are derived on read by the same
+core (:mod:`workflows.results`). Videos run in parallel as Ray tasks; the driver streams their rows
+into the Parquet writers. A rerun replaces everything it wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import shutil
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any
 
 from xrcam import __version__
 from xrcam.errors import XrcamConfigError
 
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
 __all__ = [
     "DEFAULT_LAYER_SETS",
-    "axiom_table",
-    "METRICS_DIR",
-    "SUMMARY_DIR",
-    "REDUCE_NAME",
-    "METRIC_SCHEMA",
     "ReduceSettings",
-    "layer_set_id",
-    "agg_name",
-    "mask_name",
     "parse_threshold",
     "reduce_video",
     "reduce_results",
-    "summarise",
-    "miou_table",
-    "read_metrics",
+    "DEFAULT_REFERENCES",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Single layers (the paper's Table 1) and the aggregation sets of its Table 2.
 DEFAULT_LAYER_SETS = ("1", "2", "3", "4", "4+3", "4+3+2", "4+3+2+1")
-METRICS_DIR = "metrics"
-SUMMARY_DIR = "summary"
-REDUCE_NAME = "reduce.json"
-_METADATA_KEY = b"xrcam"
 
-#: One row per (video, frame, method, layer set). Strings are plain ``string`` columns (no dictionary
-#: encoding in the schema), so ``pd.read_parquet(path, filters=[("method", "==", ...)])`` just works.
-METRIC_SCHEMA = pa.schema(
-    [
-        ("video_id", pa.string()),
-        ("video_key", pa.string()),
-        ("patient", pa.string()),
-        ("label", pa.string()),
-        ("label_index", pa.int64()),
-        ("frame", pa.int64()),  # original frame index in the source video
-        ("position", pa.int64()),  # row in the video's arrays (frame axis of maps.zarr)
-        ("method", pa.string()),
-        ("layer_set", pa.string()),  # "4", "4+3", ... (stage numbers, deepest first as given)
-        ("num_layers", pa.int64()),
-        ("prediction", pa.string()),
-        ("predicted_index", pa.int64()),
-        ("probability", pa.float32()),  # probability of the predicted class
-        ("correct", pa.bool_()),
-        ("has_gt_mask", pa.bool_()),
-        ("gt_empty", pa.bool_()),  # annotated frame whose ground truth is empty: reported, never averaged
-        ("gt_area", pa.int64()),  # pixels on the crop grid
-        ("mask_area", pa.int64()),  # pixels of the saliency mask on the crop grid
-        ("mask_fraction", pa.float32()),  # mask_area / crop pixels
-        ("iou", pa.float32()),  # NaN where the frame has no ground truth (or both masks are empty)
-        # axiom metrics of single-layer rows, for the frames `xrcam evaluate --axioms` sampled; NaN elsewhere
-        ("conservation", pa.float32()),
-        ("sensitivity", pa.float32()),
-    ]
-)
+#: Reference rows scored by default (checked against ``xrcam.references.REFERENCES`` on use; spelled
+#: here so that ``xrcam reduce --help`` shows them without importing torch).
+DEFAULT_REFERENCES = ("random", "centre", "oracle", "intensity")
+
+_SCORE_BATCH = 8  # frames scored at once: (layers x methods x 8) crop-sized float32 maps in memory
+
+
+def parse_threshold(text: str) -> tuple[str, float]:
+    """``"mean+std"``, ``"fraction:0.5"``, ``"otsu"`` -> (rule, fraction) (:func:`xrcam.scoring.parse_threshold`)."""
+    from xrcam.scoring import parse_threshold as parse
+
+    return parse(text)
 
 
 @dataclass(frozen=True)
 class ReduceSettings:
-    """What reduction computes; recorded in every output so a table says how it was made."""
+    """What reduction computes; recorded in every output so a table says how it was made.
+
+    ``references``: reference rows beside the methods (SPEC §5), on the annotated frames; ``intensity``
+    re-reads the frames from the archive. ``inverted``: methods whose negated map is scored as
+    ``inverted_<method>`` (the sign check); ``None`` = every relevance-family method that was run
+    (their maps are not rectified, so their sign matters). ``agreement``: write the per-frame method
+    agreement table. ``seed`` seeds the random reference.
+    """
 
     layer_sets: tuple[str, ...] = DEFAULT_LAYER_SETS
     threshold: str = "mean+std"  # "mean+std", "fraction:<f>" or "otsu"
-    chunk_frames: int | None = None  # frames per step; default: the store's chunk length
+    chunk_frames: int | None = None  # frames read per step; default: the store's chunk length
+    references: tuple[str, ...] = DEFAULT_REFERENCES
+    inverted: tuple[str, ...] | None = None
+    agreement: bool = True
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        from xrcam.postprocess import format_layer_set
+        from xrcam.scoring import format_layer_set, format_threshold
 
         sets = tuple(format_layer_set(s) for s in self.layer_sets)  # validates, canonical "4+3" spelling
         if not sets or len(set(sets)) != len(sets):
             raise XrcamConfigError(f"layer sets must be given once each, got {list(self.layer_sets)}")
         object.__setattr__(self, "layer_sets", sets)
-        rule, fraction = parse_threshold(self.threshold)
-        object.__setattr__(self, "threshold", f"fraction:{fraction:g}" if rule == "fraction" else rule)
+        object.__setattr__(self, "threshold", format_threshold(self.threshold))
         if self.chunk_frames is not None and self.chunk_frames < 1:
             raise XrcamConfigError(f"chunk_frames must be a positive integer, got {self.chunk_frames}")
+        from xrcam.references import REFERENCES as known
+
+        unknown = [r for r in self.references if r not in known]
+        if unknown:
+            raise XrcamConfigError(f"unknown reference rows {unknown}; choose from {list(known)}")
+        object.__setattr__(self, "references", tuple(self.references))
+        if self.inverted is not None:
+            object.__setattr__(self, "inverted", tuple(self.inverted))
+
+    def inverted_for(self, methods: Sequence[str]) -> list[str]:
+        from xrcam.scoring import default_relu
+
+        if self.inverted is None:
+            return [m for m in methods if not default_relu(m)]
+        missing = [m for m in self.inverted if m not in methods]
+        if missing:
+            raise XrcamConfigError(f"inverted rows for {missing}, but the run explained only {list(methods)}")
+        return list(self.inverted)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["layer_sets"] = list(self.layer_sets)
+        data["references"] = list(self.references)
+        data["inverted"] = None if self.inverted is None else list(self.inverted)
         return data
 
-
-def parse_threshold(text: str) -> tuple[str, float]:
-    """``"meanstd"``/``"mean+std"``, ``"fraction:0.5"``, ``"otsu"`` -> (rule, fraction) for postprocess."""
-    from xrcam.postprocess import THRESHOLD_RULES
-
-    rule, _, value = text.strip().lower().partition(":")
-    rule = {"meanstd": "mean+std", "mean_std": "mean+std"}.get(rule, rule)
-    if rule not in THRESHOLD_RULES or (value and rule != "fraction"):
-        raise XrcamConfigError(
-            f"unknown threshold {text!r}: use meanstd, fraction:<0..1> (e.g. fraction:0.5) or otsu"
-        )
-    try:
-        fraction = float(value) if value else 0.5
-    except ValueError:
-        raise XrcamConfigError(
-            f"threshold {text!r}: the fraction must be a number, e.g. fraction:0.5"
-        ) from None
-    if not 0.0 <= fraction <= 1.0:
-        raise XrcamConfigError(f"threshold {text!r}: the fraction must be between 0 and 1")
-    return rule, fraction
-
-
-def layer_set_id(layer_set: str) -> str:
-    """Array-name form of a layer set: ``"4+3+2+1"`` -> ``"4-3-2-1"`` (Zarr names avoid '+')."""
-    from xrcam.postprocess import format_layer_set
-
-    return format_layer_set(layer_set).replace("+", "-")
-
-
-def agg_name(method: str, layer_set: str) -> str:
-    """Array name of a method's aggregated maps, e.g. ``agg_xrelevancecam_4-3-2-1``."""
-    return f"agg_{method}_{layer_set_id(layer_set)}"
-
-
-def mask_name(method: str, layer_set: str) -> str:
-    """Array name of a method's saliency masks, e.g. ``mask_xrelevancecam_4-3``."""
-    return f"mask_{method}_{layer_set_id(layer_set)}"
-
-
-# ------------------------------------------------------------------------------------------ one video
-def _codec(dtype: str):
-    from zarr.codecs import BloscCodec, BloscShuffle
-
-    # 0/1 bytes bit-shuffled compress like bit-packed masks while xarray still sees plain (y, x) images
-    shuffle = BloscShuffle.bitshuffle if dtype == "uint8" else BloscShuffle.shuffle
-    return BloscCodec(cname="zstd", clevel=1 if dtype == "float16" else 3, shuffle=shuffle)
-
-
-def _create_outputs(
-    group, methods: Sequence[str], settings: ReduceSettings, frames: int, size: int, chunk: int
-):
-    """(Re)create the reduction arrays of one video; returns ``{(kind, method, set): array}``.
-
-    Arrays of an earlier reduction with other layer sets are deleted, so the group holds exactly
-    what the recorded settings describe.
-    """
-    wanted = {mask_name(m, s) for m in methods for s in settings.layer_sets}
-    wanted |= {agg_name(m, s) for m in methods for s in settings.layer_sets if "+" in s}
-    for name in list(group.array_keys()):
-        if name.startswith(("agg_", "mask_")) and name not in wanted:
-            del group[name]
-    arrays = {}
-    rule, fraction = parse_threshold(settings.threshold)
-    for method in methods:
-        for layer_set in settings.layer_sets:
-            attrs = {"method": method, "layer_set": layer_set, "threshold": rule}
-            if rule == "fraction":
-                attrs["fraction"] = fraction
-            names = [("mask", mask_name(method, layer_set), "uint8", 0)]
-            if "+" in layer_set:
-                names.insert(0, ("agg", agg_name(method, layer_set), "float16", np.nan))
-            for kind, name, dtype, fill in names:
-                arrays[kind, method, layer_set] = group.create_array(
-                    name,
-                    shape=(frames, size, size),
-                    chunks=(min(chunk, max(frames, 1)), size, size),
-                    dtype=dtype,
-                    fill_value=fill,
-                    compressors=_codec(dtype),
-                    dimension_names=("frame", "y", "x"),
-                    attributes=attrs
-                    if kind == "mask"
-                    else {k: v for k, v in attrs.items() if k == "layer_set"},
-                    overwrite=True,
-                )
-    return arrays
-
-
-def _return_large_buffers_to_the_os() -> None:
-    """Fix glibc's mmap threshold at 1 MiB, so freed chunk-sized tensors go back to the OS.
-
-    By default glibc raises the threshold each time a large block is freed, after which multi-MB
-    temporaries come from the heap and stay there, fragmented: a 100-frame video then grew the process
-    by ~0.7 GB. A fixed threshold keeps the resident size at the working set of one chunk.
-    """
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReduceSettings:
+        data = dict(data)
+        for name in ("layer_sets", "references", "inverted"):
+            if data.get(name) is not None:
+                data[name] = tuple(data[name])
+        return cls(**data)
 
 
 def _layers_needed(store, settings: ReduceSettings) -> list[str]:
     """The explained layers the layer sets use, in store order; an error names any that were not run."""
-    from xrcam.postprocess import parse_layer_set
+    from xrcam.scoring import parse_layer_set
 
     needed = {layer for s in settings.layer_sets for layer in parse_layer_set(s)}
     missing = sorted(needed - set(store.layers))
@@ -236,183 +141,247 @@ def _layers_needed(store, settings: ReduceSettings) -> list[str]:
     return [layer for layer in store.layers if layer in needed]
 
 
+# ------------------------------------------------------------------------------------------ one video
 def reduce_video(
     results: str | Path,
     key: str,
     settings: ReduceSettings | Mapping[str, Any],
     *,
     torch_threads: int | None = None,
-) -> pa.Table:
-    """Reduce one video of ``results``: write its aggregated maps and masks, return its metric rows.
+    axioms=None,
+) -> dict[str, Any]:
+    """Score one video of ``results``: ``{"metrics": {method: pa.Table}, "agreement": pa.Table}``.
 
-    A plain function (no Ray) so tests and a single process can call it; :func:`reduce_results` runs
-    it as a Ray task per video. Frames are processed ``chunk_frames`` at a time.
+    A plain function (no Ray, no process-wide tuning) so tests and a single process can call it;
+    :func:`reduce_results` runs it as a Ray task per video. Frames are read ``chunk_frames`` at a time
+    and scored :data:`_SCORE_BATCH` at a time, so memory is bounded by the chunk, not the video.
     """
+    import numpy as np
+    import pyarrow as pa
     import torch
 
-    from workflows.store import ResultStore, map_name
-    from xrcam.postprocess import aggregate, iou, make_masks, normalize
+    from workflows import tables
+    from workflows.store import ResultStore
+    from xrcam.scoring import score_stacks
 
     if not isinstance(settings, ReduceSettings):
-        settings = ReduceSettings(**{**settings, "layer_sets": tuple(settings["layer_sets"])})
+        settings = ReduceSettings.from_dict(settings)
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    _return_large_buffers_to_the_os()
-    store = ResultStore.open(results)
-    group = store.video(key)
-    if group is None:
-        raise XrcamConfigError(f"{store.root}: no video group {key!r} in {store.root / 'maps.zarr'}")
-    attrs = group.attrs.asdict()
-    methods, classes = store.methods, list(store.settings.get("classes") or [])
+    store = ResultStore.open(results, mode="r")
+    layout = store.layout(key)
+    if layout is None:
+        raise XrcamConfigError(f"{store.root}: no video {key!r} in {store.maps_path}")
+    methods, classes = store.methods, store.classes
     layers = _layers_needed(store, settings)
-    rule, fraction = parse_threshold(settings.threshold)
-    frames, size = group["gt_mask"].shape[0], group["gt_mask"].shape[1]
+    inverted = settings.inverted_for(methods)
+    against = tables.REFERENCE_AGAINST if settings.agreement and tables.REFERENCE_AGAINST in methods else None
+    frames, size = layout.num_frames, layout.size
     chunk = settings.chunk_frames or store.chunk_frames
-    outputs = _create_outputs(group, methods, settings, frames, size, store.chunk_frames)
+    sets = list(settings.layer_sets)
+    config = store.preprocess_config() if "intensity" in settings.references else None
 
-    parts: dict[tuple[str, str], list[pa.Table]] = {(m, s): [] for m in methods for s in settings.layer_sets}
+    parts: dict[tuple[str, int], list[pa.Table]] = {}  # (name, layer set index) -> chunks in frame order
+    agreement: dict[tuple[int, int], list[pa.Table]] = {}  # (method, layer set) -> chunks in frame order
     for start in range(0, frames, chunk):
         stop = min(start + chunk, frames)
-        predicted = np.asarray(group["predicted"][start:stop])
-        valid = predicted >= 0  # frames a failed shard never wrote are left out of the rows
-        has_gt = np.asarray(group["has_gt_mask"][start:stop]).astype(bool)
-        gt_np = np.asarray(group["gt_mask"][start:stop])[has_gt] > 0  # IoU is only scored on annotated frames
-        gt = torch.from_numpy(gt_np)
-        gt_area = np.zeros(stop - start, dtype=np.int64)
-        gt_area[has_gt] = np.count_nonzero(gt_np.reshape(len(gt_np), size * size), axis=1)
-        base = _frame_columns(group, attrs, classes, start, stop, has_gt, gt_area)
-        for method in methods:
-            normalised = {
-                layer: normalize(
-                    torch.from_numpy(np.asarray(group[map_name(method, layer)][start:stop])),
-                    size,
-                    method=method,
+        arrays = store.read_frame_arrays(key, slice(start, stop))
+        stacks = store.read_stacks(key, slice(start, stop), layers=layers)
+        logits = arrays["logits"]
+        valid = ~np.isnan(logits).any(axis=1)  # frames a failed shard never wrote are left out
+        base = _frame_columns(layout, key, classes, start, arrays, size)
+        annotated = np.flatnonzero(arrays["has_gt_mask"] & valid)
+        grey = (
+            _grey_frames(layout, config, start + annotated) if config is not None and len(annotated) else None
+        )
+        for b in range(0, stop - start, _SCORE_BATCH):
+            rows = np.arange(b, min(b + _SCORE_BATCH, stop - start))
+            rows = rows[valid[rows]]
+            if not len(rows):
+                continue
+            batch_stacks = {layer: torch.from_numpy(s[:, rows]) for layer, s in stacks.items()}
+            gt = torch.from_numpy(arrays["gt_mask"][rows])
+            has_gt = arrays["has_gt_mask"][rows]
+            scores = score_stacks(
+                batch_stacks,
+                methods,
+                size=size,
+                layer_sets=sets,
+                gt=gt,
+                threshold=settings.threshold,
+                agreement_with=against,
+            )
+            iou = scores.iou.numpy()
+            iou[:, :, ~has_gt] = np.nan
+            _collect(parts, base, rows, scores.methods, sets, iou, scores.mask_area.numpy(), size, False)
+            if against is not None:
+                for part_key, table in _agreement_rows(
+                    base, rows, methods, sets, scores.agreement, against
+                ).items():
+                    agreement.setdefault(part_key, []).append(table)
+            sub = np.flatnonzero(has_gt)
+            if len(sub) and (settings.references or inverted):
+                picked = rows[sub]
+                ref_stacks = {layer: s[:, sub] for layer, s in batch_stacks.items()}
+                position = np.searchsorted(annotated, picked)
+                ref = score_stacks(
+                    ref_stacks,
+                    methods,
+                    size=size,
+                    layer_sets=sets,
+                    gt=gt[sub],
+                    threshold=settings.threshold,
+                    inverted=inverted,
+                    references=settings.references,
+                    frames=None if grey is None else torch.from_numpy(grey[position]),
+                    frame_seeds=[
+                        _frame_seed(settings.seed, layout.video_id, int(f)) for f in base["frame"][picked]
+                    ],
                 )
-                for layer in layers
-            }
-            for layer_set in settings.layer_sets:
-                combined = aggregate(normalised, layer_set)
-                masks = make_masks(combined, rule, fraction=fraction)
-                scores = np.full(stop - start, np.nan, dtype=np.float32)
-                if has_gt.any():
-                    scores[has_gt] = iou(masks[torch.from_numpy(has_gt)], gt).numpy()
-                if ("agg", method, layer_set) in outputs:
-                    outputs["agg", method, layer_set][start:stop] = combined.numpy().astype(np.float16)
-                mask_bytes = masks.numpy().view(np.uint8)  # bool -> 0/1 bytes without a copy
-                outputs["mask", method, layer_set][start:stop] = mask_bytes
-                area = np.count_nonzero(mask_bytes.reshape(stop - start, size * size), axis=1)
-                rows = {
-                    **base,
-                    "method": [method] * (stop - start),
-                    "layer_set": [layer_set] * (stop - start),
-                    "num_layers": np.full(stop - start, layer_set.count("+") + 1),
-                    "mask_area": area,
-                    "mask_fraction": (area / float(size * size)).astype(np.float32),
-                    "iou": scores.astype(np.float32),
-                    "conservation": np.full(stop - start, np.nan, dtype=np.float32),
-                    "sensitivity": np.full(stop - start, np.nan, dtype=np.float32),
-                }
-                parts[method, layer_set].append(pa.table(rows, schema=METRIC_SCHEMA).filter(pa.array(valid)))
-    group.attrs.update({"reduced": {"xrcam_version": __version__, **settings.to_dict()}})
-    # rows ordered method, layer set, frame: the same whatever the chunk length
-    tables = [t for key in parts for t in parts[key]]
-    return pa.concat_tables(tables) if tables else METRIC_SCHEMA.empty_table()
-
-
-def _frame_columns(group, attrs, classes, start, stop, has_gt, gt_area) -> dict[str, Any]:
-    """Columns shared by every method and layer set of a chunk of frames."""
-    n = stop - start
-    predicted = np.asarray(group["predicted"][start:stop])
-    probabilities = np.asarray(group["probabilities"][start:stop])
-    safe = np.clip(predicted, 0, probabilities.shape[1] - 1)
-    label_index = int(attrs["label_index"])
+                n = len(methods)
+                _collect(
+                    parts,
+                    base,
+                    picked,
+                    ref.methods[n:],
+                    sets,
+                    ref.iou[:, n:].numpy(),
+                    ref.mask_area[:, n:].numpy(),
+                    size,
+                    True,
+                )
+    by_name: dict[str, list[pa.Table]] = {}
+    for (name, _k), chunks in sorted(parts.items(), key=lambda item: item[0][1]):  # layer set, then frame
+        by_name.setdefault(name, []).extend(chunks)
+    metrics = {name: _with_axioms(pa.concat_tables(ts), axioms, name) for name, ts in by_name.items()}
     return {
-        "video_id": [attrs["video_id"]] * n,
-        "video_key": [group.basename] * n,
-        "patient": [attrs["patient"]] * n,
-        "label": [attrs["label"]] * n,
-        "label_index": np.full(n, label_index),
-        "frame": np.asarray(group["frame_index"][start:stop]),
-        "position": np.arange(start, stop),
-        "prediction": [classes[i] if 0 <= i < len(classes) else str(i) for i in predicted.tolist()],
-        "predicted_index": predicted,
-        "probability": probabilities[np.arange(n), safe].astype(np.float32),
-        "correct": predicted == label_index,
-        "has_gt_mask": has_gt,
-        "gt_empty": has_gt & (gt_area == 0),
-        "gt_area": gt_area.astype(np.int64),
+        "metrics": metrics,
+        "agreement": pa.concat_tables([t for k in sorted(agreement) for t in agreement[k]])
+        if agreement
+        else tables.AGREEMENT_SCHEMA.empty_table(),
     }
 
 
-# ------------------------------------------------------------------------------------ all videos
-class _MethodWriters:
-    """One streaming Parquet writer per method under ``folder/<method>/part-0.parquet``.
+def _frame_seed(seed: int, video_id: str, frame: int) -> int:
+    """The random reference's seed for one frame: the same draws whatever the chunking or order."""
+    import zlib
 
-    Rows are buffered up to ``rows_per_group`` per method so row groups are neither tiny nor large.
-    """
+    return zlib.crc32(f"{seed}:{video_id}:{frame}".encode())
 
-    def __init__(
-        self, folder: Path, methods: Sequence[str], metadata: Mapping[str, Any], rows_per_group: int = 65536
+
+def _grey_frames(layout, config, positions: np.ndarray) -> np.ndarray:
+    """The grey crops the run explained at ``positions`` (for the intensity reference)."""
+    import numpy as np
+
+    from xrcam.frames import read_batches
+
+    out = {}
+    for batch in read_batches(
+        layout.path, config, positions=positions.tolist(), crop=layout.crop, masks=False
     ):
-        self.folder = folder
-        self.schema = METRIC_SCHEMA.with_metadata({_METADATA_KEY: json.dumps(metadata, default=str).encode()})
-        self.rows_per_group = rows_per_group
-        self.buffers: dict[str, list[pa.Table]] = {m: [] for m in methods}
-        self.writers: dict[str, pq.ParquetWriter] = {}
+        for row, p in enumerate(batch.positions):
+            out[p] = batch.grey[row].numpy()
+    return np.stack([out[int(p)] for p in positions])
 
-    def write(self, table: pa.Table) -> None:
-        import pyarrow.compute as pc
 
-        for method in self.buffers:
-            part = table.filter(pc.equal(table["method"], method))
-            if part.num_rows:
-                self.buffers[method].append(part)
-                if sum(t.num_rows for t in self.buffers[method]) >= self.rows_per_group:
-                    self._flush(method)
+def _frame_columns(
+    layout, key: str, classes: list[str], start: int, arrays, size: int
+) -> dict[str, np.ndarray]:
+    """Columns shared by every method and layer set of a chunk of frames (numpy, one entry per frame)."""
+    import numpy as np
+    import torch
 
-    def _flush(self, method: str) -> None:
-        if method not in self.writers:
-            (self.folder / method).mkdir(parents=True, exist_ok=True)
-            self.writers[method] = pq.ParquetWriter(
-                self.folder / method / "part-0.parquet", self.schema, compression="zstd"
+    logits = arrays["logits"]
+    n = len(logits)
+    safe = np.nan_to_num(logits, nan=0.0)
+    predicted = safe.argmax(axis=1).astype(np.int64)
+    probabilities = torch.softmax(torch.from_numpy(safe), dim=1).numpy()
+    gt = arrays["gt_mask"]
+    has_gt = arrays["has_gt_mask"]
+    gt_area = np.where(has_gt, np.count_nonzero(gt.reshape(n, -1), axis=1), 0).astype(np.int64)
+    label_index = int(layout.label_index)
+    names = np.asarray(classes + [""], dtype=object)
+    return {
+        "video_id": np.full(n, layout.video_id, dtype=object),
+        "video_key": np.full(n, key, dtype=object),
+        "patient": np.full(n, layout.patient, dtype=object),
+        "label": np.full(n, layout.label, dtype=object),
+        "label_index": np.full(n, label_index, dtype=np.int64),
+        "frame": arrays["frame"].astype(np.int64),
+        "position": np.arange(start, start + n, dtype=np.int64),
+        "prediction": names[np.where(predicted < len(classes), predicted, len(classes))],
+        "predicted_index": predicted,
+        "probability": probabilities[np.arange(n), predicted].astype(np.float32),
+        "correct": predicted == label_index,
+        "has_gt_mask": has_gt,
+        "gt_empty": has_gt & (gt_area == 0),
+        "gt_area": gt_area,
+        "gt_fraction": (gt_area / float(size * size)).astype(np.float32),
+    }
+
+
+def _collect(parts, base, rows, names, sets, iou, area, size, is_reference) -> None:
+    """Append the rows of ``names`` x ``sets`` for frames ``rows`` (indices into ``base``)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from workflows import tables
+
+    frame_cols = {name: values[rows] for name, values in base.items()}
+    n = len(rows)
+    for m, name in enumerate(names):
+        for k, layer_set in enumerate(sets):
+            columns = {
+                **frame_cols,
+                "layer_set": np.full(n, layer_set, dtype=object),
+                "num_layers": np.full(n, layer_set.count("+") + 1, dtype=np.int64),
+                "is_reference": np.full(n, is_reference),
+                "mask_area": area[k, m].astype(np.float32),
+                "mask_fraction": (area[k, m] / float(size * size)).astype(np.float32),
+                "iou": iou[k, m].astype(np.float32),
+                "conservation": np.full(n, np.nan, dtype=np.float32),
+                "sensitivity": np.full(n, np.nan, dtype=np.float32),
+            }
+            parts.setdefault((name, k), []).append(pa.table(columns, schema=tables.METRIC_SCHEMA))
+
+
+def _agreement_rows(base, rows, methods, sets, agreement, against) -> dict[tuple[int, int], pa.Table]:
+    import numpy as np
+    import pyarrow as pa
+
+    from workflows import tables
+
+    mask_iou, rank = agreement["mask_iou"].numpy(), agreement["rank_corr"].numpy()
+    blocks = {}
+    n = len(rows)
+    for m, method in enumerate(methods):
+        if method == against:
+            continue
+        for k, layer_set in enumerate(sets):
+            blocks[m, k] = pa.table(
+                {
+                    "video_id": base["video_id"][rows],
+                    "video_key": base["video_key"][rows],
+                    "patient": base["patient"][rows],
+                    "frame": base["frame"][rows],
+                    "position": base["position"][rows],
+                    "method": np.full(n, method, dtype=object),
+                    "layer_set": np.full(n, layer_set, dtype=object),
+                    "against": np.full(n, against, dtype=object),
+                    "mask_iou": mask_iou[k, m].astype(np.float32),
+                    "rank_corr": rank[k, m].astype(np.float32),
+                },
+                schema=tables.AGREEMENT_SCHEMA,
             )
-        if self.buffers[method]:
-            self.writers[method].write_table(pa.concat_tables(self.buffers[method]).cast(self.schema))
-        self.buffers[method] = []
-
-    def close(self) -> None:
-        for method in self.buffers:
-            self._flush(method)  # every method gets a file, even an empty one: the dataset stays complete
-        for writer in self.writers.values():
-            writer.close()
+    return blocks
 
 
-def _replace(tmp: Path, final: Path) -> None:
-    """Swap a freshly written folder in for the old one, so readers never see a half-written dataset."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-AXIOMS_NAME = "axioms.parquet"  # per-frame axiom metrics written by `xrcam evaluate --axioms --out RESULTS`
-
-
-def _read_axioms(results: Path):
+def _axiom_lookup(results: Path):
     """Per-frame axiom metrics keyed like the metric rows, or None when ``xrcam evaluate`` wrote none."""
-    path = results / AXIOMS_NAME
-    if not path.exists():
-        return None
-    import pandas as pd
+    from workflows import tables
 
-    df = pd.read_parquet(path)
-    needed = {"video_id", "frame", "method", "layer", "conservation", "sensitivity"}
-    if not needed <= set(df.columns):
-        log.warning("%s lacks %s; axiom columns stay empty", path, sorted(needed - set(df.columns)))
+    df = tables.read_axioms(results)
+    if df is None:
         return None
     df = df.assign(
         layer_set=df["layer"].astype(str).str.removeprefix("layer"), frame=df["frame"].astype("int64")
@@ -421,52 +390,66 @@ def _read_axioms(results: Path):
     return df.groupby(keys, as_index=False)[["conservation", "sensitivity"]].mean()
 
 
-def _with_axioms(table: pa.Table, axioms) -> pa.Table:
-    """Fill the axiom columns of the rows that ``axioms`` covers (row order is kept)."""
+def _with_axioms(table: pa.Table, axioms, method: str) -> pa.Table:
+    """Fill the axiom columns of the rows of ``method`` that ``axioms`` covers (row order is kept)."""
+    import pyarrow as pa
+
+    from workflows import tables
+
     if axioms is None or not table.num_rows:
         return table
-    keys = ["video_id", "frame", "method", "layer_set"]
+    mine = axioms[axioms["method"] == method].drop(columns=["method"])
+    if mine.empty:
+        return table
+    keys = ["video_id", "frame", "layer_set"]
     rows = table.drop_columns(["conservation", "sensitivity"]).to_pandas()
-    merged = rows.merge(axioms, on=keys, how="left", validate="many_to_one")
-    return pa.Table.from_pandas(merged, schema=METRIC_SCHEMA, preserve_index=False)
+    merged = rows.merge(mine, on=keys, how="left", validate="many_to_one")
+    return pa.Table.from_pandas(merged, schema=tables.METRIC_SCHEMA, preserve_index=False)
 
 
+# ------------------------------------------------------------------------------------ all videos
 def _failure(key: str, exc: BaseException) -> dict[str, str]:
     cause = getattr(exc, "cause", None) or exc  # a Ray task error carries the worker's exception
     return {"video_key": key, "error_type": type(cause).__name__, "message": str(cause).splitlines()[0][:500]}
 
 
-def _serial(results: Path, keys: Sequence[str], settings: ReduceSettings) -> Iterator[tuple[str, Any]]:
+def _serial(
+    results: Path, keys: Sequence[str], settings: ReduceSettings, axioms
+) -> Iterator[tuple[str, Any]]:
     """(video_key, rows or a failure record) per video, in this process."""
+    from workflows.ray_session import tune_process
+
+    tune_process()
     for key in keys:
         try:
-            yield key, reduce_video(results, key, settings)
+            yield key, reduce_video(results, key, settings, axioms=axioms)
         except Exception as exc:  # noqa: BLE001 - as on Ray: a damaged video is recorded, the rest carries on
             yield key, _failure(key, exc)
 
 
 def _on_ray(
-    results: Path, keys: Sequence[str], settings: ReduceSettings, address: str | None, workers: int
+    results: Path, keys: Sequence[str], settings: ReduceSettings, address: str | None, workers: int, axioms
 ) -> Iterator[tuple[str, Any]]:
     """Run :func:`reduce_video` as one Ray task per video, at most ``2 * workers`` in flight.
 
-    Results are taken in submission order, so rows are written in the same order on every run.
-    A task that fails (after one retry) becomes a failure record; the other videos carry on.
+    Results are taken in submission order, so rows are written in the same order on every run. A task
+    that fails (after one retry) becomes a failure record; the other videos carry on. Worker processes
+    get the process-wide tuning from :mod:`workflows.ray_session`'s start-up hook.
     """
-    from workflows.driver import start_ray
+    from workflows.ray_session import ray_session
 
-    started = start_ray(address, num_cpus=workers)
-    import ray
+    with ray_session(address, num_cpus=workers):
+        import ray
 
-    try:
         task = ray.remote(num_cpus=1, max_retries=1)(reduce_video)
         plain = settings.to_dict()
+        shared = ray.put(axioms)
         pending: deque = deque()
         todo = iter(keys)
 
         def submit() -> None:
             for key in todo:
-                pending.append((key, task.remote(str(results), key, plain, torch_threads=1)))
+                pending.append((key, task.remote(str(results), key, plain, torch_threads=1, axioms=shared)))
                 return
 
         for _ in range(2 * workers):
@@ -478,9 +461,14 @@ def _on_ray(
                 yield key, ray.get(ref)
             except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as exc:
                 yield key, _failure(key, exc)
-    finally:
-        if started:
-            ray.shutdown()
+
+
+def _lock(results: Path):
+    try:
+        from workflows.lock import results_lock
+    except ImportError:  # pragma: no cover - the lock module arrives with the reliability work
+        return contextlib.nullcontext()
+    return results_lock(results, "reduce")
 
 
 def reduce_results(
@@ -490,251 +478,73 @@ def reduce_results(
     address: str | None = None,
     workers: int | None = None,
     on_video: Callable[[int, int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Reduce every complete video of ``results``, then write the metrics dataset and summary tables.
 
     ``workers=0`` runs in this process without Ray; otherwise videos are Ray tasks on the cluster at
-    ``address`` or on a local Ray (127.0.0.1, no dashboard) with ``workers`` CPUs (default: all cores).
-    ``on_video(done, total)`` is called after each video. Returns the summary also written to
+    ``address`` or on a local Ray (127.0.0.1) with ``workers`` CPUs (default: all cores). Holds the
+    results folder's lock throughout. ``on_start(total)`` is called once the videos to reduce are
+    known, ``on_video(done, total)`` after each video. Returns the summary also written to
     ``RESULTS/reduce.json``.
     """
+    from workflows import tables
     from workflows.store import ResultStore
 
     results = Path(results)
     settings = settings or ReduceSettings()
-    store = ResultStore.open(results)
+    store = ResultStore.open(results, mode="r")
     _layers_needed(store, settings)  # a wrong layer set is one clear error, not a failure per video
-    keys = store.video_keys()
-    complete = [k for k in keys if store.video(k).attrs.get("complete")]
-    incomplete = sorted(set(keys) - set(complete))
-    if incomplete:
-        log.warning(
-            "%d video(s) are not complete and are left out; resume `xrcam run` first", len(incomplete)
+    settings.inverted_for(store.methods)
+    with _lock(results):
+        keys = store.video_keys()
+        complete = [k for k in keys if store.is_complete(k)]
+        incomplete = sorted(set(keys) - set(complete))
+        if incomplete:
+            log.warning(
+                "%d video(s) are not complete and are left out; resume `xrcam run` first", len(incomplete)
+            )
+        if on_start:
+            on_start(len(complete))
+        metadata = {
+            "xrcam_version": __version__,
+            "run_settings": store.settings,
+            "reduce_settings": settings.to_dict(),
+        }
+        if workers is None:
+            workers = os.cpu_count() or 1
+        axioms = _axiom_lookup(results)
+        names = list(store.methods)
+        names += [f"inverted_{m}" for m in settings.inverted_for(store.methods)] + list(settings.references)
+        videos = (
+            _serial(results, complete, settings, axioms)
+            if workers == 0
+            else _on_ray(
+                results, complete, settings, address, max(1, min(workers, len(complete) or 1)), axioms
+            )
         )
-    metadata = {
-        "xrcam_version": __version__,
-        "run_settings": store.settings,
-        "reduce_settings": settings.to_dict(),
-    }
-    if workers is None:
-        workers = os.cpu_count() or 1
-    tables = (
-        _serial(results, complete, settings)
-        if workers == 0
-        else _on_ray(results, complete, settings, address, max(1, min(workers, len(complete) or 1)))
-    )
-    axioms = _read_axioms(results)
-    tmp = results / f".{METRICS_DIR}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    writers = _MethodWriters(tmp, store.methods, metadata)
-    rows, failures = 0, []
-    try:
-        for done, (key, table) in enumerate(tables, start=1):
-            if isinstance(table, dict):
-                log.error("video %s could not be reduced: %s", key, table["message"])
-                failures.append(table)
-            else:
-                writers.write(_with_axioms(table, axioms))
-                rows += table.num_rows
-            if on_video:
-                on_video(done, len(complete))
-    finally:
-        writers.close()
-    _replace(tmp, results / METRICS_DIR)
-    tables_written = summarise(results)
-    summary = {
-        **metadata,
-        "videos": len(complete) - len(failures),
-        "incomplete_videos": incomplete,
-        "failed_videos": failures,
-        "rows": rows,
-        "metrics": str(results / METRICS_DIR),
-        "summary_tables": {name: str(path) for name, path in tables_written.items()},
-    }
-    (results / REDUCE_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        writer = tables.DatasetWriter(results, names, metadata)
+        failures = []
+        try:
+            for done, (key, out) in enumerate(videos, start=1):
+                if "metrics" not in out:
+                    log.error("video %s could not be reduced: %s", key, out["message"])
+                    failures.append(out)
+                else:
+                    writer.write(out["metrics"], out["agreement"])
+                if on_video:
+                    on_video(done, len(complete))
+        finally:
+            writer.close()
+        written = tables.summarise(results)
+        summary = {
+            **metadata,
+            "videos": len(complete) - len(failures),
+            "incomplete_videos": incomplete,
+            "failed_videos": failures,
+            "rows": writer.rows,
+            "metrics": str(results / tables.METRICS_DIR),
+            "summary_tables": {name: str(path) for name, path in written.items()},
+        }
+        (results / tables.REDUCE_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
-
-
-def read_metrics(results: str | Path, columns: Sequence[str] | None = None, filters=None):
-    """The metrics dataset as a pandas DataFrame (a thin ``pd.read_parquet`` over ``RESULTS/metrics``)."""
-    import pandas as pd
-
-    path = Path(results) / METRICS_DIR
-    if not path.is_dir():
-        raise XrcamConfigError(f"{path}: no metrics yet; run `xrcam reduce {results}` first")
-    return pd.read_parquet(path, columns=list(columns) if columns else None, filters=filters)
-
-
-# ------------------------------------------------------------------------------------ summary tables
-def _layer_label(layer_set: str) -> str:
-    return f"layer {layer_set}"
-
-
-def _write_table(df, path: Path, metadata: Mapping[str, Any]) -> Path:
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    table = table.replace_schema_metadata(
-        {**(table.schema.metadata or {}), _METADATA_KEY: json.dumps(metadata, default=str).encode()}
-    )
-    pq.write_table(table, path)
-    return path
-
-
-def _dataset_metadata(results: Path) -> dict[str, Any]:
-    for part in sorted((results / METRICS_DIR).glob("*/part-0.parquet")):
-        raw = (pq.read_schema(part).metadata or {}).get(_METADATA_KEY)
-        if raw:
-            return json.loads(raw)
-    return {}
-
-
-def miou_table(results: str | Path):
-    """Long table: one row per (method, layer set) with mIoU (fraction) and the frame counts behind it."""
-    import pandas as pd
-
-    from xrcam.metrics import mean_iou
-
-    results = Path(results)
-    metadata = _dataset_metadata(results)
-    methods = list(metadata.get("run_settings", {}).get("methods", []))
-    layer_sets = list(metadata.get("reduce_settings", {}).get("layer_sets", []))
-    records = []
-    for method in methods:  # one method in memory at a time
-        df = read_metrics(
-            results,
-            columns=["layer_set", "iou", "correct", "has_gt_mask", "gt_empty"],
-            filters=[("method", "==", method)],
-        )
-        for layer_set in layer_sets:
-            rows = df[df["layer_set"] == layer_set]
-            score = mean_iou(
-                rows["iou"].to_numpy(dtype=np.float64),
-                correct=rows["correct"].to_numpy(dtype=bool, copy=True),
-                has_gt=rows["has_gt_mask"].to_numpy(dtype=bool, copy=True),
-                gt_empty=rows["gt_empty"].to_numpy(dtype=bool, copy=True),
-            )
-            records.append(
-                {
-                    "method": method,
-                    "layer_set": layer_set,
-                    "miou": score.miou,
-                    "frames": score.frames,
-                    "empty_gt": score.empty_gt,
-                    "misclassified": score.misclassified,
-                }
-            )
-    return pd.DataFrame.from_records(
-        records, columns=["method", "layer_set", "miou", "frames", "empty_gt", "misclassified"]
-    )
-
-
-def _paper_table(long, layer_sets: Sequence[str], model: str, *, average: bool):
-    """Wide table, one row per method, one column per layer set, mIoU in percent (as the paper prints it)."""
-    import pandas as pd
-
-    wide = long.pivot(index="method", columns="layer_set", values="miou").reindex(
-        index=list(dict.fromkeys(long["method"])), columns=list(layer_sets)
-    )
-    wide = wide * 100.0
-    wide.columns = [_layer_label(s) for s in layer_sets]
-    if average:
-        wide["average"] = wide.mean(axis=1)
-    frames = long[long["layer_set"].isin(layer_sets)].groupby("method")["frames"].max()
-    out = wide.reset_index()
-    out.insert(1, "model", model)
-    out["frames"] = out["method"].map(frames).fillna(0).astype("int64")
-    return pd.DataFrame(out)
-
-
-def axiom_table(axioms, layers=None):
-    """The paper's Table 4: rows (method, axiom), one column per layer plus the average (lower is better).
-
-    ``axioms`` holds per-frame or already averaged rows ``method, layer, conservation, sensitivity``;
-    ``layers`` fixes the column order (default: layer1, layer2, ... as found).
-    """
-    import pandas as pd
-
-    long = axioms.melt(
-        id_vars=["method", "layer"],
-        value_vars=["conservation", "sensitivity"],
-        var_name="axiom",
-        value_name="value",
-    )
-    wide = long.pivot_table(
-        index=["method", "axiom"], columns="layer", values="value", aggfunc="mean", sort=False
-    )
-    layers = list(layers) if layers is not None else sorted(wide.columns, key=lambda name: (len(name), name))
-    wide = wide.reindex(columns=layers)
-    wide.columns = [_layer_label(str(c).removeprefix("layer")) for c in layers]
-    wide["average"] = wide.mean(axis=1)
-    return pd.DataFrame(wide.reset_index())
-
-
-def _read_axiom_table(results: Path):
-    """Table 4 from ``RESULTS/axioms.parquet`` (written by ``xrcam evaluate``), or None when absent."""
-    path = results / AXIOMS_NAME
-    if not path.exists():
-        return None
-    import pandas as pd
-
-    df = pd.read_parquet(path)
-    needed = {"method", "layer", "conservation", "sensitivity"}
-    if not needed <= set(df.columns):
-        log.warning("%s lacks columns %s; Table 4 is left out", path, sorted(needed - set(df.columns)))
-        return None
-    return axiom_table(df)
-
-
-def _accuracy_tables(results: Path, method: str, layer_set: str):
-    """Frame-level classification accuracy per class and per patient (any one method/set: one row per frame)."""
-    df = read_metrics(
-        results,
-        columns=["label", "patient", "correct"],
-        filters=[("method", "==", method), ("layer_set", "==", layer_set)],
-    )
-    per_class = df.groupby("label", sort=True)["correct"].agg(frames="size", correct="sum").reset_index()
-    per_class["accuracy"] = per_class["correct"] / per_class["frames"]
-    per_patient = (
-        df.groupby(["patient", "label"], sort=True)["correct"].agg(frames="size", correct="sum").reset_index()
-    )
-    per_patient["accuracy"] = per_patient["correct"] / per_patient["frames"]
-    return per_class, per_patient
-
-
-def summarise(results: str | Path) -> dict[str, Path]:
-    """Write the dataset-wide tables under ``RESULTS/summary/`` from the metrics dataset.
-
-    ``table1_layer_miou`` (per-layer mIoU %, the paper's Table 1), ``table2_layerset_miou`` (mIoU % per
-    layer set, Table 2), ``miou`` (long form, fractions and frame counts), ``table4_axioms`` (when
-    ``RESULTS/axioms.parquet`` exists), ``accuracy_per_class`` and ``accuracy_per_patient``.
-    """
-    results = Path(results)
-    metadata = _dataset_metadata(results)
-    run = metadata.get("run_settings", {})
-    layer_sets = list(metadata.get("reduce_settings", {}).get("layer_sets", []))
-    methods = list(run.get("methods", []))
-    model = str(run.get("model", ""))
-    tmp = results / f".{SUMMARY_DIR}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    long = miou_table(results)
-    frames = {"miou": long}
-    singles = [s for s in layer_sets if "+" not in s]
-    table1_sets = sorted(singles, key=int)
-    if table1_sets:
-        frames["table1_layer_miou"] = _paper_table(long, table1_sets, model, average=True)
-    table2_sets = [s for s in layer_sets if s == "4" or "+" in s]
-    if table2_sets:
-        frames["table2_layerset_miou"] = _paper_table(long, table2_sets, model, average=False)
-    axioms = _read_axiom_table(results)
-    if axioms is not None:
-        frames["table4_axioms"] = axioms
-    if methods and layer_sets:
-        frames["accuracy_per_class"], frames["accuracy_per_patient"] = _accuracy_tables(
-            results, methods[0], layer_sets[0]
-        )
-    for name, df in frames.items():
-        _write_table(df, tmp / f"{name}.parquet", {**metadata, "table": name})
-    _replace(tmp, results / SUMMARY_DIR)
-    return {name: results / SUMMARY_DIR / f"{name}.parquet" for name in frames}

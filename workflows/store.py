@@ -1,24 +1,43 @@
-"""The results folder of ``xrcam run``: a Zarr v3 store of per-layer maps, a failures table, a run summary.
+"""The Zarr side of a results folder: every array and attribute name, the store version, sharding.
 
-Layout (the contract in ``docs/architecture.md``)::
+Layout (store format 2; ``docs/results.md`` explains why it is shaped this way)::
 
-    RESULTS/maps.zarr/videos/<video_key>/{frame_index, logits, probabilities, predicted,
-                                          gt_mask, has_gt_mask, <method>_<layer>}
-    RESULTS/failures.parquet
-    RESULTS/run.json
+    RESULTS/maps.zarr/                      root group: attrs xrcam_store_format, xrcam_version, settings
+        cam (cam,)  class (class,)          method names and class names, inherited by every video
+        <video_key>/                        one group per video (attrs: video_id, label, crop, ...)
+            frame (frame,)                  original frame index of each stored row
+            y (y,), x (x,)                  crop-pixel coordinates of the crop grid (y counts up from
+                                            the bottom row, so ``.plot.imshow()`` is the right way up)
+            layer1_y, layer1_x, ...         each stage grid's cell centres in the same crop pixels
+            layer1 ... layer4               raw maps (cam, frame, layerN_y, layerN_x) float16
+            logits (frame, class) float32   NaN until the frame is written
+            gt_mask (frame, y, x) uint8     0/1 ground truth on the crop grid
+            has_gt_mask (frame,) bool       whether the frame is annotated
+    RESULTS/run.json                        the run's summary
+    (the Parquet side - failures, metrics, tables - lives in :mod:`workflows.tables`)
 
-The driver creates every group and array up front and is the only writer of metadata (attributes);
-workers only write whole chunks of data into arrays that already exist, so no two processes ever touch
-the same file. A shard counts as finished once the driver has recorded it in the video group's
-``shards_done`` attribute, which happens after the worker has returned, i.e. after its data is on disk.
+Every per-frame array is a Zarr v3 *sharded* array: inner chunks of ``chunk_frames`` frames inside
+shard files of exactly one work shard (``chunk_frames * shard_chunks`` frames), so the one worker that
+explains a work shard writes each of its shard files alone, once. The driver creates every group and
+array (and writes the small coordinate arrays) up front and is the only writer of attributes. A shard
+counts as finished once the driver has recorded it in the video's ``shards_done`` attribute, after the
+worker returned. When a video is complete its group's metadata is consolidated, and the root's when
+the run writes its summary, so ``xr.open_datatree(RESULTS/maps.zarr, engine="zarr")`` opens every video
+in one read without warnings. Internally the store never trusts consolidated metadata (a resumed run
+adds groups), it lists the folder.
+
+Aggregated maps and masks are *not* stored: :mod:`xrcam.scoring` derives them from the raw maps on
+read (``workflows.results``) faster than they could be read back, at 1/24 of the bytes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,40 +46,72 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from workflows.tables import FAILURE_COLUMNS, FAILURES_NAME
 from xrcam import __version__
 from xrcam.errors import XrcamConfigError
 
 __all__ = [
+    "STORE_FORMAT",
     "MAPS_NAME",
-    "FAILURES_NAME",
     "RUN_NAME",
+    "FAILURES_NAME",
     "FAILURE_COLUMNS",
     "VideoLayout",
     "ResultStore",
     "video_key",
+    "video_id_of_key",
     "map_name",
     "settings_differences",
 ]
 
+#: Version of this layout; a store of another version is refused with a sentence saying how to redo it.
+STORE_FORMAT = 2
 MAPS_NAME = "maps.zarr"
-FAILURES_NAME = "failures.parquet"
 RUN_NAME = "run.json"
-FAILURE_COLUMNS = ("path", "video_id", "shard", "error_type", "message")
+
+# names of arrays and attributes: spelled here only
+FRAME, Y, X, CLASS = "frame", "y", "x", "class"
+#: The method dimension is ``cam`` (all seven methods are CAMs): a dimension called ``method`` would
+#: collide with xarray's ``.sel(method=...)`` keyword and select nothing.
+METHOD = "cam"
+LOGITS, GT_MASK, HAS_GT = "logits", "gt_mask", "has_gt_mask"
+FORMAT_ATTR = "xrcam_store_format"
 
 
-_BASE_ARRAYS = ("frame_index", "logits", "probabilities", "predicted", "gt_mask", "has_gt_mask")
+def _tables():
+    from workflows import tables
+
+    return tables
+
+
+# ---------------------------------------------------------------------------------------- video keys
+_ADJACENT = re.compile(r"(?<=[_/])_|_(?=[_/])")
 
 
 def video_key(video_id: str) -> str:
-    """The group name of a video: its archive-relative id with '/' replaced by '__'."""
-    return video_id.replace("/", "__")
+    """The group name of a video: its archive-relative id with ``/`` written as ``__``.
+
+    Injective: ``%`` is written ``%25`` and every ``_`` next to another ``_`` or a ``/`` is written
+    ``%5F``, so the only ``__`` in a key are separators (``a/b__c.mkt`` -> ``a__b%5F%5Fc.mkt``,
+    ``a__b/c.mkt`` -> ``a%5F%5Fb__c.mkt``). Ordinary ids read as before: ``meningioma/P01/V01.mkt``
+    -> ``meningioma__P01__V01.mkt``. :func:`video_id_of_key` inverts it.
+    """
+    escaped = _ADJACENT.sub("%5F", video_id.replace("%", "%25"))
+    return escaped.replace("/", "__")
+
+
+def video_id_of_key(key: str) -> str:
+    """The inverse of :func:`video_key`."""
+    return key.replace("__", "/").replace("%5F", "_").replace("%25", "%")
 
 
 def map_name(method: str, layer: str) -> str:
-    """The array name of one method's maps at one layer, e.g. ``xrelevancecam_layer1``."""
+    """Old-style name of one method's maps at one layer (``xrelevancecam_layer1``), for readers of
+    :meth:`ResultStore.video`'s compatibility view; the store holds one variable per stage."""
     return f"{method}_{layer}"
 
 
+# ---------------------------------------------------------------------------------------- layout
 @dataclass(frozen=True)
 class VideoLayout:
     """Everything needed to create (or check) one video's group: its identity, shapes and crop."""
@@ -76,6 +127,7 @@ class VideoLayout:
     num_classes: int
     map_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer -> (h, w)
     input_size: int | None = None  # side of the model input and gt_mask; None: the crop's size
+    shard_frames: int | None = None  # frames per work shard = per Zarr shard; None: the store's chunk
 
     @property
     def size(self) -> int:
@@ -94,6 +146,7 @@ class VideoLayout:
         data = asdict(self)
         data["crop"] = list(self.crop)
         data["map_shapes"] = {layer: list(shape) for layer, shape in self.map_shapes.items()}
+        data["input_size"] = self.size
         return data
 
     @classmethod
@@ -110,6 +163,7 @@ class VideoLayout:
             num_classes=int(data["num_classes"]),
             map_shapes={layer: tuple(int(v) for v in shape) for layer, shape in data["map_shapes"].items()},
             input_size=data.get("input_size"),
+            shard_frames=data.get("shard_frames"),
         )
 
 
@@ -140,28 +194,121 @@ def settings_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -
 
 
 # Compression: float16 maps shuffle their bytes so the slowly varying sign/exponent bytes compress apart
-# from the noisy mantissas; zstd level 5 keeps writing cheap next to the explainer.
-def _compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
+# from the noisy mantissas; 0/1 masks are bit-shuffled (they compress like bit-packed masks while xarray
+# still sees plain images); zstd level 5 keeps writing cheap next to the explainer.
+def _compressor(dtype: str = "float16") -> BloscCodec:
+    shuffle = BloscShuffle.bitshuffle if dtype in ("uint8", "bool") else BloscShuffle.shuffle
+    return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+
+
+def _cell_centres(cells: int, size: int) -> np.ndarray:
+    """Centres of ``cells`` equal cells over ``size`` crop pixels, in crop-pixel units (as bilinear
+    upsampling with ``align_corners=False`` places them)."""
+    return (np.arange(cells) + 0.5) * (size / cells) - 0.5
+
+
+def _consolidate(store_path: Path, path: str = "") -> None:
+    with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec": known, wanted
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(store_path), path=path or None)
+
+
+def _old_format_error(maps: Path, found: Any) -> XrcamConfigError:
+    root = maps.parent
+    return XrcamConfigError(
+        f"{maps} is in results format {found or 1}, this xrcam reads format {STORE_FORMAT}: "
+        f"redo it with `xrcam run ARCHIVE --out {root} --overwrite` (same options as before), "
+        f"then `xrcam reduce {root}`"
+    )
+
+
+class _VideoView:
+    """A video's group seen through the old per-array names (``frame_index``, ``predicted``,
+    ``<method>_<layer>``, ...) for readers written against store format 1; also ``attrs`` and the
+    new names. Read-only."""
+
+    def __init__(self, store: ResultStore, group: zarr.Group):
+        self._store, self._group = store, group
+        self.attrs = group.attrs
+        self.basename = group.basename
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self[name]
+        except KeyError:
+            return False
+        return True
+
+    def array_keys(self):
+        return self._group.array_keys()
+
+    def __getitem__(self, name: str):
+        group = self._group
+        if name in group.array_keys():
+            return group[name]
+        if name == "frame_index":
+            written = ~np.isnan(np.asarray(group[LOGITS][:, 0])) if group[LOGITS].shape[1] else None
+            frames = np.asarray(group[FRAME][:])
+            return np.where(written, frames, -1) if written is not None else frames
+        if name in ("predicted", "probabilities"):
+            logits = np.asarray(group[LOGITS][:])
+            written = ~np.isnan(logits).any(axis=1)
+            if name == "predicted":
+                return np.where(written, np.nan_to_num(logits, nan=-np.inf).argmax(axis=1), -1)
+            shifted = np.exp(logits - np.nanmax(logits, axis=1, keepdims=True))
+            return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+        for method in self._store.methods:
+            prefix = f"{method}_"
+            if name.startswith(prefix) and name[len(prefix) :] in group.array_keys():
+                return _MethodSlice(group[name[len(prefix) :]], self._store.methods.index(method))
+        raise KeyError(name)
+
+
+class _MethodSlice:
+    """One method's slice of a stage variable, indexable like the old ``(frame, h, w)`` array."""
+
+    def __init__(self, array, index: int):
+        self._array, self._index = array, index
+        self.shape = array.shape[1:]
+        self.dtype = array.dtype
+
+    def __getitem__(self, item):
+        item = item if isinstance(item, tuple) else (item,)
+        return self._array[(self._index, *item)]
+
+    def get_orthogonal_selection(self, selection):
+        selection = selection if isinstance(selection, tuple) else (selection,)
+        return self._array.get_orthogonal_selection((self._index, *selection))
 
 
 class ResultStore:
-    """One results folder. Create or reopen it with :meth:`open`; workers use :meth:`write`."""
+    """One results folder. Create or reopen it with :meth:`open`; workers use :meth:`write_shard`."""
 
     def __init__(self, root: str | Path, group: zarr.Group):
         self.root = Path(root)
         self.group = group
+        self._layouts: dict[str, VideoLayout] = {}
+
+    @property
+    def maps_path(self) -> Path:
+        return self.root / MAPS_NAME
 
     # ----------------------------------------------------------------- opening
     @classmethod
     def open(
-        cls, root: str | Path, settings: Mapping[str, Any] | None = None, *, overwrite: bool = False
+        cls,
+        root: str | Path,
+        settings: Mapping[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+        mode: str = "r+",
     ) -> ResultStore:
         """Open the results folder ``root``, creating it when ``settings`` are given.
 
         With ``settings`` an existing store must have been written with the same settings, otherwise
         :class:`XrcamConfigError` names each one that differs; ``overwrite=True`` deletes it instead.
-        Without ``settings`` the store must exist (workers and readers).
+        Without ``settings`` the store must exist (workers and readers; ``mode="r"`` for read-only).
+        A store of another format version is refused with a sentence saying how to redo it.
         """
         root = Path(root)
         maps = root / MAPS_NAME
@@ -170,17 +317,17 @@ class ResultStore:
                 raise XrcamConfigError(
                     f"{root}: no {MAPS_NAME} here; run `xrcam run ARCHIVE --out {root}` first"
                 )
-            return cls(root, zarr.open_group(maps, mode="r+"))
+            return cls(root, cls._open_checked(maps, mode))
         settings = _normalise(dict(settings))
         if overwrite and root.exists():
             if maps.exists():
                 shutil.rmtree(maps)
-            for name in (FAILURES_NAME, RUN_NAME):
+            for name in (_tables().FAILURES_NAME, RUN_NAME):
                 (root / name).unlink(missing_ok=True)
+            _tables().remove_reduction(root)
         if (maps / "zarr.json").is_file():
-            group = zarr.open_group(maps, mode="r+")
-            stored = group.attrs.get("settings")
-            differences = settings_differences(stored or {}, settings)
+            group = cls._open_checked(maps, "r+")
+            differences = settings_differences(group.attrs.get("settings") or {}, settings)
             if differences:
                 raise XrcamConfigError(
                     f"{maps} was written with other settings:\n  "
@@ -190,10 +337,29 @@ class ResultStore:
             return cls(root, group)
         root.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(
-            maps, mode="w", attributes={"xrcam_version": __version__, "settings": settings}
+            maps,
+            mode="w",
+            attributes={FORMAT_ATTR: STORE_FORMAT, "xrcam_version": __version__, "settings": settings},
         )
-        group.require_group("videos")
-        return cls(root, group)
+        store = cls(root, group)
+        store._create_root_coords()
+        return store
+
+    @staticmethod
+    def _open_checked(maps: Path, mode: str) -> zarr.Group:
+        group = zarr.open_group(maps, mode=mode, use_consolidated=False)
+        found = group.attrs.get(FORMAT_ATTR)
+        if found != STORE_FORMAT:
+            raise _old_format_error(maps, found)
+        return group
+
+    def _create_root_coords(self) -> None:
+        for name, values in ((METHOD, self.methods), (CLASS, self.classes)):
+            array = self.group.create_array(
+                name, shape=(len(values),), dtype=str, dimension_names=(name,), overwrite=True
+            )
+            if values:
+                array[:] = np.asarray(values, dtype=str)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -204,6 +370,10 @@ class ResultStore:
         return list(self.settings["methods"])
 
     @property
+    def classes(self) -> list[str]:
+        return list(self.settings.get("classes") or [])
+
+    @property
     def layers(self) -> list[str]:
         return list(self.settings["layers"])
 
@@ -211,120 +381,294 @@ class ResultStore:
     def chunk_frames(self) -> int:
         return int(self.settings["chunk_frames"])
 
+    def preprocess_config(self):
+        """The run's :class:`xrcam.preprocess.PreprocessConfig`, rebuilt from the recorded settings."""
+        from xrcam.preprocess import Crop, PreprocessConfig
+
+        data = dict(self.settings.get("preprocessing") or {})
+        crop = data.pop("crop", None)
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return PreprocessConfig(crop=Crop(*crop) if crop else None, **data)
+
     # ----------------------------------------------------------------- videos
     def video_keys(self) -> list[str]:
-        return sorted(name for name, _ in self.group["videos"].groups())
+        return sorted(name for name, _ in self.group.groups())
 
-    def video(self, key: str) -> zarr.Group | None:
-        """The group of one video, or ``None`` when it has not been created."""
-        videos = self.group["videos"]
-        return videos[key] if key in videos else None
+    def _group(self, key: str) -> zarr.Group | None:
+        try:
+            node = self.group[key]
+        except KeyError:
+            return None
+        return node if isinstance(node, zarr.Group) else None
+
+    def video(self, key: str) -> _VideoView | None:
+        """A video's group (``attrs`` and arrays), or ``None`` when it has not been created."""
+        group = self._group(key)
+        return None if group is None else _VideoView(self, group)
 
     def layout(self, key: str) -> VideoLayout | None:
         """A video's layout, or ``None`` when its group is missing or was left half-created by a crash."""
-        group = self.video(key)
-        if group is None:
+        if key in self._layouts:
+            return self._layouts[key]
+        group = self._group(key)
+        if group is None or not group.attrs.get("created"):
             return None
         layout = VideoLayout.from_json(group.attrs.asdict())
-        required = set(_BASE_ARRAYS) | {
-            map_name(m, layer) for m in self.methods for layer in layout.map_shapes
-        }
-        return layout if required <= set(group.array_keys()) else None
+        self._layouts[key] = layout
+        return layout
+
+    def num_frames(self, key: str) -> int:
+        layout = self.layout(key)
+        if layout is None:
+            raise KeyError(f"{self.root}: no video {key!r}")
+        return layout.num_frames
+
+    def shard_frames(self, layout: VideoLayout) -> int:
+        return int(layout.shard_frames or self.chunk_frames)
 
     def create_video(self, layout: VideoLayout) -> zarr.Group:
-        """Create a video's group and all its arrays (filled with 'missing' values until written)."""
+        """Create a video's group and every array ('missing' fill values until a worker writes them).
+
+        The coordinate arrays (frame, y, x, stage grids) are written here; the ``created`` attribute,
+        set last, marks the group as usable (a crash before it leaves a group that counts as missing).
+        """
         frames, chunk, n_classes = layout.num_frames, self.chunk_frames, layout.num_classes
-        size = layout.size
-        attrs = {
-            "video_id": layout.video_id,
-            "patient": layout.patient,
-            "label": layout.label,
-            "label_index": layout.label_index,
-            "crop": list(layout.crop),
-            "frame_step": layout.frame_step,
-            "num_source_frames": layout.num_source_frames,
-            "path": layout.path,
-            "num_classes": layout.num_classes,
-            "map_shapes": {layer: list(shape) for layer, shape in layout.map_shapes.items()},
-            "input_size": layout.size,
-            "shards_done": [],
-            "complete": False,
-        }
-        group = self.group["videos"].create_group(layout.key, attributes=attrs, overwrite=True)
-        specs: list[tuple[str, tuple[int, ...], str, tuple[str, ...], Any]] = [
-            ("frame_index", (frames,), "int64", ("frame",), -1),
-            ("logits", (frames, n_classes), "float32", ("frame", "class"), np.nan),
-            ("probabilities", (frames, n_classes), "float32", ("frame", "class"), np.nan),
-            ("predicted", (frames,), "int64", ("frame",), -1),
-            ("gt_mask", (frames, size, size), "uint8", ("frame", "y", "x"), 0),
-            ("has_gt_mask", (frames,), "bool", ("frame",), False),
+        shard = self.shard_frames(layout)
+        if shard % chunk:
+            raise XrcamConfigError(f"shard of {shard} frames is not a multiple of chunk_frames={chunk}")
+        size, methods = layout.size, self.methods
+        attrs = {**layout.to_json(), "shards_done": [], "complete": False, "created": False}
+        group = self.group.create_group(layout.key, attributes=attrs, overwrite=True)
+        per_frame: list[tuple[str, tuple[int, ...], str, tuple[str, ...], Any, dict]] = [
+            (LOGITS, (frames, n_classes), "float32", (FRAME, CLASS), np.nan, {"long_name": "class logits"}),
+            (GT_MASK, (frames, size, size), "uint8", (FRAME, Y, X), 0, {"long_name": "ground truth"}),
+            (HAS_GT, (frames,), "bool", (FRAME,), False, {"long_name": "frame is annotated"}),
         ]
         for layer, (h, w) in layout.map_shapes.items():
-            for method in self.methods:
-                specs.append(
-                    (
-                        map_name(method, layer),
-                        (frames, h, w),
-                        "float16",
-                        ("frame", f"{layer}_y", f"{layer}_x"),
-                        np.nan,
-                    )
+            per_frame.append(
+                (
+                    layer,
+                    (len(methods), frames, h, w),
+                    "float16",
+                    (METHOD, FRAME, f"{layer}_y", f"{layer}_x"),
+                    np.nan,
+                    {"long_name": f"raw {layer} maps", "grid": f"{h}x{w} cells over the {size}-px crop"},
                 )
-        for name, shape, dtype, dims, fill in specs:
+            )
+        for name, shape, dtype, dims, fill, array_attrs in per_frame:
+            axis = dims.index(FRAME)
+            inner, outer = (chunk, shard) if frames >= chunk else (max(frames, 1),) * 2
             group.create_array(
                 name,
                 shape=shape,
-                chunks=(chunk, *shape[1:]),
+                chunks=(*shape[:axis], inner, *shape[axis + 1 :]),
+                shards=(*shape[:axis], outer, *shape[axis + 1 :]),
                 dtype=dtype,
                 fill_value=fill,
-                compressors=_compressor(),
+                compressors=_compressor(dtype),
                 dimension_names=dims,
+                attributes=array_attrs,
             )
+        crop_x, crop_y, crop_size = layout.crop
+        scale = crop_size / size
+        coords: list[tuple[str, np.ndarray, dict]] = [
+            (
+                FRAME,
+                np.arange(frames, dtype=np.int64) * layout.frame_step,
+                {"long_name": "source frame index"},
+            ),
+            (
+                Y,
+                (size - 1 - np.arange(size)).astype(np.float32),
+                {
+                    "long_name": "crop pixel, counted up from the bottom row",
+                    "source_row": f"{crop_y} + ({size} - 1 - y + 0.5) * {scale:g} - 0.5",
+                },
+            ),
+            (
+                X,
+                np.arange(size, dtype=np.float32),
+                {
+                    "long_name": "crop pixel column",
+                    "source_column": f"{crop_x} + (x + 0.5) * {scale:g} - 0.5",
+                },
+            ),
+        ]
+        for layer, (h, w) in layout.map_shapes.items():
+            coords.append(
+                (
+                    f"{layer}_y",
+                    (size - 1 - _cell_centres(h, size)).astype(np.float32),
+                    {"units": "crop pixel"},
+                )
+            )
+            coords.append((f"{layer}_x", _cell_centres(w, size).astype(np.float32), {"units": "crop pixel"}))
+        for name, values, array_attrs in coords:
+            array = group.create_array(
+                name, shape=values.shape, dtype=values.dtype, dimension_names=(name,), attributes=array_attrs
+            )
+            array[:] = values
+        group.attrs["created"] = True
+        self._layouts.pop(layout.key, None)
         return group
 
-    def write(self, key: str, start: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Write frames ``start : start + len`` of each named array of one video (workers call this)."""
-        group = self.video(key)
-        if group is None:
+    # ----------------------------------------------------------------- writing (workers)
+    def write_shard(
+        self,
+        key: str,
+        start: int,
+        *,
+        logits: np.ndarray,
+        gt_mask: np.ndarray,
+        has_gt_mask: np.ndarray,
+        maps: Mapping[str, np.ndarray],
+    ) -> None:
+        """Write frames ``start : start + len(logits)`` of one video: one work shard (workers call this).
+
+        ``maps[layer]``: ``(method, frames, h, w)`` in the store's method order. Each array's shard
+        file(s) for these frames are written once, whole.
+        """
+        group = self._group(key)
+        if group is None or not group.attrs.get("created"):
             raise XrcamConfigError(f"{self.root}: video group {key!r} does not exist; the driver creates it")
-        for name, data in arrays.items():
-            group[name][start : start + len(data)] = data
+        layout = self.layout(key)
+        stop = start + len(logits)
+        shard = self.shard_frames(layout)
+        if start % shard or (stop % shard and stop != layout.num_frames):
+            raise XrcamConfigError(
+                f"{key}: frames {start}:{stop} are not one work shard of {shard} frames; resume with the "
+                "--shard-chunks the store was created with"
+            )
+        for layer, data in maps.items():
+            group[layer][:, start:stop] = data
+        group[GT_MASK][start:stop] = np.asarray(gt_mask, np.uint8)
+        group[HAS_GT][start:stop] = has_gt_mask
+        group[LOGITS][start:stop] = logits  # last: a row with logits is a written row
+
+    # ----------------------------------------------------------------- reading
+    def read_maps(
+        self,
+        key: str,
+        positions: Sequence[int] | slice,
+        methods: Sequence[str] | None = None,
+        layers: Sequence[str] | None = None,
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """``{method: {layer: (n, h, w) float16}}`` raw maps of the frames at ``positions``."""
+        stacks = self.read_stacks(key, positions, methods, layers)
+        methods = list(methods) if methods is not None else self.methods
+        return {m: {layer: s[i] for layer, s in stacks.items()} for i, m in enumerate(methods)}
+
+    def read_stacks(
+        self,
+        key: str,
+        positions: Sequence[int] | slice,
+        methods: Sequence[str] | None = None,
+        layers: Sequence[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """``{layer: (method, n, h, w) float16}``: raw maps as stored, one stack per stage."""
+        group = self._group(key)
+        index = [self.methods.index(m) for m in methods] if methods is not None else slice(None)
+        sel = positions if isinstance(positions, slice) else np.asarray(positions, dtype=np.int64)
+        out = {}
+        for layer in layers if layers is not None else self.layout(key).map_shapes:
+            array = group[layer]
+            if isinstance(sel, slice) and isinstance(index, slice):
+                out[layer] = np.asarray(array[:, sel])
+            else:
+                out[layer] = np.asarray(array.get_orthogonal_selection((index, sel)))
+        return out
+
+    def read_frame_arrays(self, key: str, positions: Sequence[int] | slice) -> dict[str, np.ndarray]:
+        """Per-frame arrays of ``positions``: ``frame``, ``logits``, ``gt_mask`` (bool), ``has_gt_mask``."""
+        group = self._group(key)
+        sel = positions if isinstance(positions, slice) else np.asarray(positions, dtype=np.int64)
+
+        def read(name):
+            array = group[name]
+            return np.asarray(array[sel] if isinstance(sel, slice) else array.get_orthogonal_selection(sel))
+
+        return {
+            FRAME: read(FRAME),
+            LOGITS: read(LOGITS),
+            GT_MASK: read(GT_MASK) > 0,
+            HAS_GT: read(HAS_GT).astype(bool),
+        }
+
+    def read_gt(self, key: str, positions: Sequence[int]) -> np.ndarray:
+        group = self._group(key)
+        return np.asarray(group[GT_MASK].get_orthogonal_selection(np.asarray(positions, np.int64))) > 0
+
+    def open_dataset(self, key: str):
+        """One video as an ``xr.Dataset`` (lazy), with the store-wide ``cam``/``class`` coordinates and
+        the per-frame ``probabilities`` (softmax of the logits) and ``predicted`` (argmax; -1 where a
+        frame was never written) derived from the stored logits."""
+        import torch
+        import xarray as xr
+
+        ds = xr.open_zarr(self.maps_path, group=key, consolidated=False, chunks=None)
+        logits = np.asarray(ds[LOGITS].values)
+        written = ~np.isnan(logits).any(axis=1)
+        safe = np.nan_to_num(logits, nan=0.0)
+        probabilities = torch.softmax(torch.from_numpy(safe), dim=1).numpy()
+        probabilities[~written] = np.nan
+        predicted = np.where(written, safe.argmax(axis=1), -1).astype(np.int64)
+        ds = ds.assign(
+            probabilities=((FRAME, CLASS), probabilities, {"long_name": "softmax of the logits"}),
+            predicted=((FRAME,), predicted, {"long_name": "predicted class index (-1: not written)"}),
+        )
+        return ds.assign_coords({METHOD: self.methods, CLASS: self.classes}).assign_attrs(
+            self._group(key).attrs.asdict()
+        )
+
+    def open_datatree(self):
+        """``xr.open_datatree(maps.zarr, engine="zarr")``, consolidating the metadata first if stale."""
+        import xarray as xr
+
+        if not self._consolidated_is_current():
+            _consolidate(self.maps_path)
+        return xr.open_datatree(self.maps_path, engine="zarr", chunks=None)
+
+    def _consolidated_is_current(self) -> bool:
+        meta = json.loads((self.maps_path / "zarr.json").read_text()).get("consolidated_metadata")
+        if not meta:
+            return False
+        known = {name for name in meta.get("metadata", {}) if "/" not in name}
+        return set(self.video_keys()) <= known
 
     # ----------------------------------------------------------------- completion
     def shards_done(self, key: str) -> set[tuple[int, int]]:
-        group = self.video(key)
+        group = self._group(key)
         return set() if group is None else {(int(a), int(b)) for a, b in group.attrs.get("shards_done", [])}
 
     def mark_done(self, key: str, start: int, stop: int) -> bool:
-        """Record that frames ``start:stop`` of a video are written; returns whether the video is complete."""
-        group = self.video(key)
+        """Record that frames ``start:stop`` of a video are written; returns whether the video is complete.
+
+        A complete video's group metadata is consolidated (one read opens it)."""
+        group = self._group(key)
         done = self.shards_done(key) | {(start, stop)}
         covered = sum(b - a for a, b in done)
-        complete = covered >= group["frame_index"].shape[0]
+        complete = covered >= self.layout(key).num_frames
         group.attrs.update({"shards_done": [list(r) for r in sorted(done)], "complete": complete})
+        if complete:
+            _consolidate(self.maps_path, key)
         return complete
 
-    # ----------------------------------------------------------------- tables
-    def write_failures(self, rows: Iterable[Mapping[str, Any]]) -> Path:
-        """Replace the failures table with ``rows`` (this run's failures; an empty table when none)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    def is_complete(self, key: str) -> bool:
+        group = self._group(key)
+        return bool(group is not None and group.attrs.get("complete"))
 
-        rows = list(rows)
-        table = pa.table(
-            {
-                "path": pa.array([str(r["path"]) for r in rows], pa.string()),
-                "video_id": pa.array([str(r["video_id"]) for r in rows], pa.string()),
-                "shard": pa.array([int(r["shard"]) for r in rows], pa.int64()),
-                "error_type": pa.array([str(r["error_type"]) for r in rows], pa.string()),
-                "message": pa.array([str(r["message"]) for r in rows], pa.string()),
-            }
-        )
-        path = self.root / FAILURES_NAME
-        pq.write_table(table, path)
-        return path
+    def consolidate(self) -> None:
+        """Consolidate the whole store's metadata (the run does it when it writes its summary)."""
+        _consolidate(self.maps_path)
+
+    # ----------------------------------------------------------------- run outputs
+    def write_failures(self, rows: Iterable[Mapping[str, Any]]) -> Path:
+        """Replace the failures table with ``rows`` (schema: :data:`workflows.tables.FAILURE_SCHEMA`)."""
+        return _tables().write_failures(self.root, rows)
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        """Write ``run.json`` and consolidate the store's metadata (the end of a run)."""
+        self.consolidate()
         path = self.root / RUN_NAME
         path.write_text(json.dumps(_normalise(dict(summary)), indent=2) + "\n")
         return path

@@ -3,7 +3,9 @@
 A plain class, usable and testable without Ray; :mod:`workflows.driver` wraps it with ``ray.remote``.
 Inside one shard three stages overlap so the explainer rarely waits: a reader thread decodes and
 preprocesses batches, the calling thread runs the explainer, a writer thread assembles whole chunks and
-writes them to the store. Only a small manifest goes back to the driver.
+writes them to the store, one whole work shard (one file per array) at a time. Frames are read with
+:func:`xrcam.frames.read_batches`, the one reader that evaluation and the read API use too. Only a
+small manifest goes back to the driver.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from workflows.settings import RunSettings
-from workflows.store import ResultStore, VideoLayout, map_name, video_key
+from workflows.store import ResultStore, VideoLayout, video_key
 
 __all__ = ["Shard", "ShardWorker"]
 
@@ -113,12 +115,6 @@ class ShardWorker:
         return os.getpid()
 
     # ----------------------------------------------------------------- per video
-    def _preprocessor(self, reader):
-        """The video's preprocessing; FOV detection reads frame 0, so every shard gets the same crop."""
-        from xrcam.preprocess import Preprocessor
-
-        return Preprocessor.for_video(reader, self.settings.preprocess_config())
-
     def describe(self, entry) -> dict[str, Any]:
         """Open a video, detect its crop and work out the shape of everything stored for it.
 
@@ -131,10 +127,11 @@ class ShardWorker:
             return {"layout": None, "error": {"error_type": type(exc).__name__, "message": str(exc)}}
 
     def _describe(self, entry) -> VideoLayout:
+        from xrcam.frames import open_preprocessor
         from xrcam.io.readers import open_video
 
         with open_video(entry.path) as reader:
-            pre = self._preprocessor(reader)
+            pre = open_preprocessor(reader, self.settings.preprocess_config())
             num_source_frames = reader.num_frames
             if num_source_frames < 1:
                 from xrcam.errors import XrcamInputError
@@ -155,6 +152,7 @@ class ShardWorker:
             num_classes=len(self.classes),
             map_shapes=self._stage_shapes(tuple(x.shape[-2:])),
             input_size=int(x.shape[-1]),
+            shard_frames=self.settings.shard_frames,
         )
 
     def _stage_shapes(self, size: tuple[int, int]) -> dict[str, tuple[int, int]]:
@@ -232,50 +230,21 @@ class ShardWorker:
         return sum(written)
 
     def _read(self, shard: Shard, layout: VideoLayout, out: queue.Queue, stop: threading.Event) -> None:
-        """Reader thread: decode and preprocess the shard's frames in batches."""
-        from xrcam.archive import load_masks
-        from xrcam.errors import XrcamInputError
-        from xrcam.io.readers import open_video
+        """Reader thread: decode and preprocess the shard's frames in batches (the one frame reader)."""
+        from xrcam.frames import read_batches
 
         try:
-            step = layout.frame_step
-            masks = load_masks(shard.entry) if shard.entry.mask_path else {}
-            with open_video(shard.entry.path) as reader:
-                pre = self._preprocessor(reader)
-                if tuple(pre.crop) != layout.crop:
-                    raise XrcamInputError(
-                        shard.entry.path,
-                        f"crop is now {tuple(pre.crop)} but the store was created with {layout.crop}: "
-                        "the video changed since; rerun with --overwrite",
-                    )
-                position = shard.start
-                for indices, frames in _batched(
-                    reader.read(start=shard.start * step, stop=shard.stop * step, step=step), self.batch_size
-                ):
-                    expected = list(range(position * step, (position + len(indices)) * step, step))
-                    if indices != expected:
-                        raise XrcamInputError(
-                            shard.entry.path,
-                            f"reader returned frames {indices[:3]}..., expected {expected[:3]}...",
-                        )
-                    size = layout.size
-                    gt = np.zeros((len(indices), size, size), np.uint8)
-                    has_gt = np.zeros(len(indices), bool)
-                    for row, index in enumerate(indices):
-                        if index in masks:
-                            gt[row] = pre.crop_mask(masks[index])
-                            has_gt[row] = True
-                    batch = {"frame_index": np.asarray(indices, np.int64), "x": pre(frames)}
-                    batch.update(gt_mask=gt, has_gt_mask=has_gt)
-                    if not _put_until(out, batch, stop=stop):
-                        return
-                    position += len(indices)
-            if position != shard.stop:
-                raise XrcamInputError(
-                    shard.entry.path,
-                    f"video ended after {position * step} frames, its header says more",
-                    frame=position * step,
-                )
+            for batch in read_batches(
+                shard.entry,
+                self.settings.preprocess_config(),
+                start=shard.start,
+                stop=shard.stop,
+                batch_size=self.batch_size,
+                crop=layout.crop,
+            ):
+                item = {"x": batch.x, "gt_mask": batch.gt, "has_gt_mask": batch.has_gt}
+                if not _put_until(out, item, stop=stop):
+                    return
             _put_until(out, _END, stop=stop)
         except BaseException as exc:
             _put_until(out, _Failed(exc), stop=stop)
@@ -298,7 +267,8 @@ class ShardWorker:
                 self.batch_size = max(1, self.batch_size // 2)
                 log.warning("GPU out of memory: batch size halved to %d", self.batch_size)
         for name in parts[0]:
-            batch[name] = np.concatenate([part[name] for part in parts])
+            axis = 1 if name in self.layers else 0
+            batch[name] = np.concatenate([part[name] for part in parts], axis=axis)
         return batch
 
     def _explain_part(self, x) -> dict[str, np.ndarray]:
@@ -306,54 +276,41 @@ class ShardWorker:
 
         exp = self.explainer(x.to(self.device, non_blocking=True))
         logits = exp.logits.detach().float()
-        out = {
-            "logits": logits.cpu().numpy(),
-            "probabilities": torch.softmax(logits, dim=1).cpu().numpy(),
-            "predicted": logits.argmax(dim=1).to(torch.int64).cpu().numpy(),
-        }
-        for method in self.methods:
-            for layer in self.layers:
-                out[map_name(method, layer)] = (
-                    exp.maps[method][layer].detach().to(torch.float16).cpu().numpy()
-                )
+        out = {"logits": logits.cpu().numpy()}
+        for layer in self.layers:  # (method, batch, h, w): the store's layout of one stage
+            stack = torch.stack([exp.maps[method][layer].detach() for method in self.methods])
+            out[layer] = stack.to(torch.float16).cpu().numpy()
         return out
 
     def _write(
         self, shard: Shard, results: queue.Queue, written: list[int], errors: list[BaseException]
     ) -> None:
-        """Writer thread: gather rows into whole chunks and write each chunk once."""
-        chunk = self.store.chunk_frames
+        """Writer thread: gather the whole shard, then write it once (one shard file per array)."""
         pending: dict[str, list[np.ndarray]] = {}
-        filled, position = 0, shard.start
         try:
             for item in iter(results.get, _END):
                 for name, data in item.items():
                     pending.setdefault(name, []).append(data)
-                filled += len(item["frame_index"])
-                while filled >= chunk or (filled and position + filled == shard.stop):
-                    rows = min(chunk, filled)
-                    merged = {name: np.concatenate(parts) for name, parts in pending.items()}
-                    self.store.write(
-                        shard.key, position, {name: data[:rows] for name, data in merged.items()}
-                    )
-                    pending = {name: [data[rows:]] for name, data in merged.items()}
-                    filled, position = filled - rows, position + rows
-                    written.append(rows)
+            if not pending:
+                return
+            merged = {
+                name: np.concatenate(parts, axis=1 if name in self.layers else 0)
+                for name, parts in pending.items()
+            }
+            rows = len(merged["logits"])
+            if shard.start + rows != shard.stop:
+                return  # the reader or explainer stopped early; its error is raised by the caller
+            self.store.write_shard(
+                shard.key,
+                shard.start,
+                logits=merged["logits"],
+                gt_mask=merged["gt_mask"],
+                has_gt_mask=merged["has_gt_mask"],
+                maps={layer: merged[layer] for layer in self.layers},
+            )
+            written.append(rows)
         except BaseException as exc:
             errors.append(exc)
-
-
-def _batched(frames: Iterator[tuple[int, np.ndarray]], size: int) -> Iterator[tuple[list[int], np.ndarray]]:
-    indices: list[int] = []
-    stack: list[np.ndarray] = []
-    for index, frame in frames:
-        indices.append(int(index))
-        stack.append(frame)
-        if len(stack) == size:
-            yield indices, np.stack(stack)
-            indices, stack = [], []
-    if stack:
-        yield indices, np.stack(stack)
 
 
 def _drain(q: queue.Queue) -> Iterator[Any]:

@@ -57,6 +57,7 @@ __all__ = [
     "parse_threshold",
     "rank_correlation",
     "score_batch",
+    "score_stacks",
     "thresholds",
 ]
 
@@ -371,8 +372,19 @@ class Scores:
     agreement: dict[str, torch.Tensor] = field(default_factory=dict)  # mask_iou, rank_corr vs a method
 
 
-def score_batch(
-    raw: Mapping[str, Mapping[str, torch.Tensor]],
+def score_batch(raw: Mapping[str, Mapping[str, torch.Tensor]], **options) -> Scores:
+    """Score one batch of frames given as ``raw[method][layer]`` maps ``(B, h, w)``; see :func:`score_stacks`."""
+    methods = list(raw)
+    if not methods:
+        raise XrcamConfigError("score_batch needs the maps of at least one method")
+    layers = list(raw[methods[0]])
+    stacks = {layer: torch.stack([raw[m][layer] for m in methods]) for layer in layers}
+    return score_stacks(stacks, methods, **options)
+
+
+def score_stacks(
+    stacks: Mapping[str, torch.Tensor],
+    methods: Sequence[str],
     *,
     size: int | tuple[int, int],
     layer_sets: Sequence[str],
@@ -384,58 +396,66 @@ def score_batch(
     frames: torch.Tensor | None = None,
     random_draws: int | None = None,
     generator: torch.Generator | None = None,
+    frame_seeds: Sequence[int] | None = None,
     agreement_with: str | None = None,
     keep_maps: bool = False,
 ) -> Scores:
     """Score one batch of frames for every method and layer set at once.
 
-    ``raw[method][layer]``: raw maps ``(B, h, w)`` at each stage's own grid (any float dtype).
-    ``gt``: ``(B, S, S)`` bool ground truth (IoU is NaN where absent). ``relu=None``: each method's
-    family default. ``inverted``: methods whose negated raw map is scored as ``inverted_<method>``
-    (the sign check). ``references``: names from :data:`xrcam.references.REFERENCES`, pushed through
-    the same upsample/normalise/threshold with relu off at each stage's grid; they need ``gt`` and
-    (for ``intensity``) ``frames`` ``(B, S, S)`` in [0, 1]. ``agreement_with``: also the mask IoU and
-    rank correlation of every row against that method's map per frame and layer set.
+    ``stacks[layer]``: raw maps ``(M, B, h, w)`` of ``methods`` (in that order) at each stage's own
+    grid, any float dtype (the store's layout). ``gt``: ``(B, S, S)`` bool ground truth (IoU is NaN
+    without it). ``relu=None``: each method's family default. ``inverted``: methods whose negated raw
+    map is scored as ``inverted_<method>`` (the sign check; relu off). ``references``: names from
+    :data:`xrcam.references.REFERENCES`, pushed through the same upsample/normalise/threshold with
+    relu off at each stage's grid; they need ``gt`` and (for ``intensity``) ``frames`` ``(B, S, S)`` in
+    [0, 1]; ``random`` is the mean over ``random_draws`` draws, drawn from ``generator`` or, with
+    ``frame_seeds``, from one generator per frame (the same noise whatever the batching). ``agreement_with``: also the mask IoU
+    and rank correlation of every method's map against that method's, per frame and layer set.
     """
-    methods = list(raw)
-    if not methods:
-        raise XrcamConfigError("score_batch needs the maps of at least one method")
-    layers = list(raw[methods[0]])
+    methods = list(methods)
+    layers = list(stacks)
     rule, fraction = parse_threshold(threshold)
-    stacks, flags, names = [], [], []
-    for layer in layers:
-        stacks.append(torch.stack([raw[m][layer] for m in methods]))
     flags = [default_relu(m) if relu is None else relu for m in methods]
     names = list(methods)
+    extra = []
     for method in inverted:
-        if method not in raw:
+        if method not in methods:
             raise XrcamConfigError(f"inverted {method!r}: no maps of that method in this batch")
-        i = methods.index(method)
-        stacks = [torch.cat([s, -s[i : i + 1]]) for s in stacks]
+        extra.append(methods.index(method))
         flags.append(False)
         names.append(f"{INVERTED_PREFIX}{method}")
     size = (size, size) if isinstance(size, int) else tuple(size)
-    normalised = torch.stack([normalize_stack(s, size, relu=flags) for s in stacks])  # (L, M, B, S, S)
-    agg = aggregate_stack(normalised, layers, layer_sets)
+    normalised = []
+    for layer in layers:
+        s = stacks[layer]
+        if extra:
+            s = torch.cat([s, -s[extra]])
+        normalised.append(normalize_stack(s, size, relu=flags))
+    agg = aggregate_stack(torch.stack(normalised), layers, layer_sets)  # (K, M, B, S, S)
     del normalised
     masks = make_masks(agg, rule, fraction=fraction)
     batch = agg.shape[2]
-    ious = iou(masks, gt.to(masks.device)) if gt is not None else torch.full(masks.shape[:3], float("nan"))
-    areas = masks.flatten(-2).sum(dim=-1)
-    scores = Scores(names, list(layer_sets), ious, areas)
+    if gt is not None:
+        ious = iou(masks, gt.to(masks.device))
+    else:
+        ious = torch.full(masks.shape[:3], float("nan"), device=masks.device)
+    scores = Scores(names, list(layer_sets), ious, masks.flatten(-2).sum(dim=-1).float())
     if agreement_with is not None:
         j = names.index(agreement_with)
         scores.agreement = {
-            "mask_iou": iou(masks, masks[:, j : j + 1].expand_as(masks)),
-            "rank_corr": rank_correlation(agg, agg[:, j : j + 1]),
+            "mask_iou": iou(
+                masks[:, : len(methods)], masks[:, j : j + 1].expand(-1, len(methods), -1, -1, -1)
+            ),
+            "rank_corr": rank_correlation(agg[:, : len(methods)], agg[:, j : j + 1]),
         }
     if keep_maps:
         scores.maps, scores.masks = agg, masks
     if references:
+        shapes = [tuple(stacks[layer].shape[-2:]) for layer in layers]
         ref = _score_references(
             references,
             layers,
-            [tuple(s.shape[-2:]) for s in stacks],
+            shapes,
             size,
             layer_sets,
             gt,
@@ -446,32 +466,72 @@ def score_batch(
             random_draws,
             generator,
             agg.device,
+            frame_seeds,
         )
         scores.methods += ref.methods
         scores.iou = torch.cat([scores.iou, ref.iou], dim=1)
-        scores.mask_area = torch.cat([scores.mask_area, ref.mask_area.to(scores.mask_area.dtype)], dim=1)
+        scores.mask_area = torch.cat([scores.mask_area, ref.mask_area], dim=1)
     return scores
 
 
 def _score_references(
-    names, layers, shapes, size, layer_sets, gt, frames, rule, fraction, batch, draws, generator, device
+    names,
+    layers,
+    shapes,
+    size,
+    layer_sets,
+    gt,
+    frames,
+    rule,
+    fraction,
+    batch,
+    draws,
+    generator,
+    device,
+    frame_seeds=None,
 ) -> Scores:
     from xrcam import references as refs
 
     if gt is None:
         raise XrcamConfigError("reference rows need the ground truth (gt=)")
+    if frames is None:
+        if "intensity" in names:
+            raise XrcamConfigError("the intensity reference needs the preprocessed frames (frames=)")
+        frames = torch.zeros(gt.shape, dtype=torch.float32, device=gt.device)  # unused by the others
     draws = draws or refs.RANDOM_DRAWS
     ious, areas = [], []
     for name in names:
         repeats = draws if name == "random" else 1
         per_draw_iou, per_draw_area = [], []
+        per_frame = None
+        if name == "random" and frame_seeds is not None:
+            per_frame = [torch.Generator().manual_seed(int(seed)) for seed in frame_seeds]
         for _ in range(repeats):
-            stages = [
-                refs.reference_map(name, gt=gt, frames=frames, shape=shape, generator=generator)
-                .to(device)
-                .float()
-                for shape in shapes
-            ]
+            if per_frame is not None:
+                stages = [
+                    torch.cat(
+                        [
+                            refs.reference_map(
+                                name,
+                                gt=gt[i : i + 1].cpu(),
+                                frames=frames[i : i + 1].cpu(),
+                                shape=shape,
+                                generator=g,
+                            )
+                            for i, g in enumerate(per_frame)
+                        ]
+                    )
+                    .to(device)
+                    .float()
+                    for shape in shapes
+                ]
+            else:
+                stages = [
+                    refs.reference_map(name, gt=gt, frames=frames, shape=shape, generator=generator)
+                    .to(device)
+                    .float()
+                    for shape in shapes
+                ]
             normalised = torch.stack([normalize_stack(s[None], size, relu=[False]) for s in stages])
             agg = aggregate_stack(normalised, layers, layer_sets)[:, 0]  # (K, B, S, S)
             masks = make_masks(agg, rule, fraction=fraction)

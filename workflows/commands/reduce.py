@@ -1,4 +1,4 @@
-"""``xrcam reduce``: per-layer maps -> aggregated maps, masks, Parquet metrics and the paper's tables."""
+"""``xrcam reduce``: raw per-stage maps -> Parquet metrics (with reference rows) and the paper's tables."""
 
 from __future__ import annotations
 
@@ -6,24 +6,34 @@ from pathlib import Path
 
 import click
 
+from workflows.reduce import ReduceSettings  # light: the defaults come from the library dataclass
+
+_DEFAULTS = ReduceSettings.__dataclass_fields__
+
 
 @click.command()
 @click.argument("results", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--layer-sets",
-    default="1,2,3,4,4+3,4+3+2,4+3+2+1",
+    default=",".join(_DEFAULTS["layer_sets"].default),
     show_default=True,
-    help="Comma-separated layer sets: single stages give Table 1, the '+' sets Table 2.",
+    help="Comma-separated layer sets: single stages give Table 1, the deepest stage and the '+' sets Table 2.",
 )
 @click.option(
     "--threshold",
-    default="meanstd",
+    default=_DEFAULTS["threshold"].default,
     show_default=True,
-    help="Mask rule on the normalised map: meanstd (mean + std), fraction:<f> (f x max) or otsu.",
+    help="Mask rule on the normalised map: mean+std, fraction:<f> (f x max) or otsu.",
+)
+@click.option(
+    "--references",
+    default=",".join(_DEFAULTS["references"].default),
+    show_default=True,
+    help="Reference rows scored beside the methods on the annotated frames ('' for none); "
+    "intensity re-reads the frames from the archive.",
 )
 @click.option(
     "--address",
-    envvar="RAY_ADDRESS",
     default=None,
     help="Ray cluster to join (default: start a local Ray on 127.0.0.1, no dashboard).",
 )
@@ -37,34 +47,39 @@ import click
     "--chunk-frames",
     type=click.IntRange(min=1),
     default=None,
-    help="Frames held in memory per step (default: the store's chunk length).",
+    help="Frames read per step (default: the store's chunk length).",
 )
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def command(
     results: Path,
     layer_sets: str,
     threshold: str,
+    references: str,
     address: str | None,
     workers: int | None,
     chunk_frames: int | None,
+    progress: bool,
 ) -> None:
     """Reduce the results folder written by `xrcam run`.
 
-    For every complete video and method it aggregates the per-layer maps over each layer set, thresholds
-    them into masks and scores the masks against the ground truth (IoU). It writes, all inside RESULTS:
+    For every complete video it scores every method's maps over each layer set (upsampled, normalised,
+    aggregated, thresholded into masks, IoU against the ground truth) with the same scoring core the
+    read API and `xrcam evaluate` use, plus reference rows (random, centre, oracle, intensity and the
+    inverted relevance maps) on the annotated frames. It writes, all inside RESULTS:
 
     \b
-      maps.zarr/videos/<video>/agg_<method>_<set>   aggregated maps (float16, crop grid, '+' sets)
-      maps.zarr/videos/<video>/mask_<method>_<set>  masks (uint8 0/1, compressed)
-      metrics/<method>/part-0.parquet               one row per video, frame, method and layer set
-      summary/*.parquet                              Table 1, Table 2, Table 4 (if `xrcam evaluate` ran),
-                                                     accuracy per class and per patient
-      reduce.json                                    what was done, with which settings
+      metrics/method=<m>/part-0.parquet   one row per video, frame and layer set (hive-partitioned)
+      agreement/part-0.parquet            every method vs XRelevanceCAM per frame: mask IoU, rank corr.
+      summary/*.parquet                   Table 1, Table 2 (mIoU % with 95 % CIs over patients),
+                                          Table 4 (if `xrcam evaluate --axioms` ran), accuracy, agreement
+      reduce.json                         what was done, with which settings
 
-    Set ids in array names use '-' for '+' (4+3 -> 4-3). Rerunning replaces everything it wrote. A video
-    that cannot be reduced is reported (and listed in reduce.json), the others carry on, and the exit
-    status is 1.
+    Aggregated maps and masks are not stored; read them with workflows.results (docs/results.md).
+    Rerunning replaces everything it wrote. A video that cannot be reduced is reported (and listed in
+    reduce.json), the others carry on, and the exit status is 1.
     """
-    from workflows.reduce import ReduceSettings, reduce_results
+    from workflows.reduce import reduce_results
+    from workflows.store import ResultStore
     from xrcam.errors import XrcamError
 
     try:
@@ -72,26 +87,40 @@ def command(
             layer_sets=tuple(s.strip() for s in layer_sets.split(",") if s.strip()),
             threshold=threshold,
             chunk_frames=chunk_frames,
+            references=tuple(s.strip() for s in references.split(",") if s.strip()),
         )
     except XrcamError as exc:
         raise click.UsageError(str(exc)) from exc
+    store = ResultStore.open(results, mode="r")  # a missing or old store: one sentence, exit 1
+    if not any(store.is_complete(k) for k in store.video_keys()):
+        click.echo(
+            f"Nothing to reduce: {results} holds no complete video yet; run or resume `xrcam run` first."
+        )
+        raise click.exceptions.Exit(1 if store.video_keys() else 0)
+    from tqdm import tqdm
+
+    bar = None
+
+    def start(total: int) -> None:
+        nonlocal bar
+        bar = tqdm(total=total, unit="video", desc="xrcam reduce", disable=not progress, dynamic_ncols=True)
+
+    def advance(done: int, total: int) -> None:
+        bar.update(1)
+
     try:
-        with click.progressbar(length=1, label="Reducing videos") as bar:
-
-            def advance(done: int, total: int) -> None:
-                bar.length = total
-                bar.update(1)
-
-            summary = reduce_results(results, settings, address=address, workers=workers, on_video=advance)
-    except XrcamError as exc:
-        raise click.ClickException(str(exc)) from exc
+        summary = reduce_results(
+            results, settings, address=address, workers=workers, on_video=advance, on_start=start
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     _print_summary(results, summary)
     if summary["failed_videos"]:
-        raise SystemExit(1)
+        raise click.exceptions.Exit(1)
 
 
 def _print_summary(results: Path, summary: dict) -> None:
-
     click.echo(f"Reduced {summary['videos']} video(s) into {summary['rows']} rows: {results / 'metrics'}")
     for failure in summary["failed_videos"]:
         click.echo(f"Failed: {failure['video_key']}: {failure['error_type']}: {failure['message']}", err=True)
@@ -106,10 +135,16 @@ def _print_summary(results: Path, summary: dict) -> None:
 
 
 def echo_tables(tables: dict[str, Path]) -> None:
-    """Print summary tables read back from their Parquet files, each under its title and path."""
+    """Print summary tables read back from their Parquet files, each under its title and path
+    (mIoU tables pivoted like the paper: one row per method, ``mIoU [95 % CI]`` per layer set)."""
     import pandas as pd
+
+    from workflows.tables import paper_view
 
     for title, path in tables.items():
         click.secho(f"\n{title} ({path})", bold=True)
-        with pd.option_context("display.width", 140, "display.precision", 2):
-            click.echo(pd.read_parquet(path).to_string(index=False))
+        df = pd.read_parquet(path)
+        if "miou_pct" in df:
+            df = paper_view(df)
+        with pd.option_context("display.width", 160, "display.precision", 2, "display.max_columns", 20):
+            click.echo(df.to_string(index=False))
