@@ -32,6 +32,7 @@ WORKER_SETUP_HOOK = f"{__name__}.tune_process"  # runs once in every Ray worker 
 _LOOPBACK = "127.0.0.1"
 _TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 _tuned = False
+_WITHOUT_DASHBOARD_NOISE = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
 def resolve_address(address: str | None = None) -> str | None:
@@ -40,17 +41,22 @@ def resolve_address(address: str | None = None) -> str | None:
 
 
 def tune_process() -> None:
-    """Process-wide settings for a process that reduces or explains large arrays (idempotent).
+    """Process-wide settings of every Ray worker process of our jobs (idempotent; callable in-process).
 
     Fixes glibc's mmap threshold at 1 MiB, so freed chunk-sized tensors go back to the OS. By default
     glibc raises the threshold each time a large block is freed, after which multi-MB temporaries come
     from the heap and stay there, fragmented: a 100-frame video then grew a reducing process by ~0.7 GB.
     A fixed threshold keeps the resident size at the working set of one chunk. No-op off glibc.
+    Also silences Ray Train's State-API polling warnings, which a session without dashboard provokes.
     """
     global _tuned
     if _tuned:
         return
     _tuned = True
+    # Ray Train polls the State API, which a local session without dashboard does not serve, and
+    # warns about it every few seconds from a helper actor: the warning says nothing actionable here
+    for name in _WITHOUT_DASHBOARD_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
     import ctypes
 
     try:
