@@ -180,19 +180,19 @@ def test_a_full_disk_stops_the_run_with_a_sentence_and_the_rerun_resumes(archive
         args = ["run", str(archive), "--out", str(out), "--model", "resnet18", "--random-init", "0"]
         args += ["--workers", "1", *SMALL]  # all methods and stages: the larger store
         filler = disk / "filler"
-        with open(filler, "wb") as fh:  # leave room for the store's metadata and about one video
-            fh.write(b"\0" * (3 * 2**20 - 280 * 2**10))
+        with open(filler, "wb") as fh:  # leave room for the run's reserve, the metadata and about one video
+            fh.write(b"\0" * (3 * 2**20 - 536 * 2**10))
         result = _cli(args)
         assert result.exit_code == 1, result.output
         assert "Traceback" not in result.output
         message = result.output.strip().splitlines()[-1]
         assert message.startswith(f"Error: {out}: the disk is full"), result.output
         assert "free space and rerun the same command to resume" in message
-        if "recorded in run.json" in message:
-            summary = json.loads((out / "run.json").read_text())
-            assert summary["stopped"] and summary["videos_complete"] < 2
-        else:
-            assert "run.json could not be written" in message
+        assert message.endswith("(what finished is recorded in run.json)")  # the run's reserve made room
+        summary = json.loads((out / "run.json").read_text())
+        assert "disk is full" in summary["stopped"] and summary["videos_complete"] < 2
+        assert not (out / ".xrcam-reserve").exists()
+        assert pd.read_parquet(out / "failures.parquet").empty  # a full disk is not a video's failure
         filler.unlink()  # free space, rerun: it resumes and completes
         again = _cli(args)
         assert again.exit_code == 0, again.output

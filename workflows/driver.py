@@ -46,6 +46,9 @@ IN_FLIGHT_PER_WORKER = 2  # one running, one queued at the actor, so a worker ne
 # Fault injection for the reliability tests: "kill-once:FILE" SIGKILLs the first worker that starts
 # (FILE records that it happened), "raise" makes every worker's constructor fail.
 FAILPOINT_ENVVAR = "XRCAM_TEST_WORKER_START"
+# kept free in the results folder while a run writes, released to record run.json on a full disk
+RESERVE_BYTES = 256 * 1024
+RESERVE_NAME = ".xrcam-reserve"
 _NO_SPACE = re.compile(r"\[Errno (28|122)\]|No space left on device|Disk quota exceeded")
 
 
@@ -135,7 +138,10 @@ def run(
     started = time.perf_counter()
     plan = preflight(settings)  # writes nothing, starts nothing
     with results_lock(plan.settings.out, "run"):
-        return _run(plan, started, progress, on_manifest)
+        try:
+            return _run(plan, started, progress, on_manifest)
+        finally:
+            (Path(plan.settings.out) / RESERVE_NAME).unlink(missing_ok=True)
 
 
 def _run(plan, started: float, progress: bool, on_manifest) -> RunSummary:
@@ -150,6 +156,7 @@ def _run(plan, started: float, progress: bool, on_manifest) -> RunSummary:
         )
     except OSError as exc:
         raise storage_error(exc, settings.out) from exc
+    reserve = _reserve(store.root)
     summary = RunSummary(results=str(store.root), videos=len(entries))
     summary.failures = list(plan.failures)
     log.info("%d videos to explain (%d known problems)", len(entries), len(plan.failures))
@@ -179,11 +186,13 @@ def _run(plan, started: float, progress: bool, on_manifest) -> RunSummary:
         1 for e in entries if video_key(e.video_id) not in scheduler.failed_keys and _complete_for(store, e)
     )
     summary.seconds = time.perf_counter() - started
+    if reserve is not None:
+        reserve.unlink(missing_ok=True)
     recorded = _record(store, summary, settings)
     if problem is not None:
         done = (
             "what finished is recorded in run.json"
-            if recorded
+            if recorded is True
             else "run.json could not be written either, but every finished shard is marked in the store"
         )
         raise XrcamStorageError(problem.path, f"{problem.problem} ({done})") from None
@@ -200,6 +209,20 @@ def _complete_for(store: ResultStore, entry) -> bool:
         and bool(group.attrs.get("complete"))
         and group.attrs.get("video_id", entry.video_id) == entry.video_id
     )
+
+
+def _reserve(root: Path) -> Path | None:
+    """A small file whose space the run gives back to write its records if the disk fills up."""
+    path = Path(root) / RESERVE_NAME
+    try:
+        with open(path, "wb") as fh:
+            fh.write(b"\0" * RESERVE_BYTES)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        path.unlink(missing_ok=True)
+        return None
+    return path
 
 
 def _record(store: ResultStore, summary: RunSummary, settings: RunSettings) -> bool | XrcamStorageError:
