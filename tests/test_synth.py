@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -148,3 +149,94 @@ def test_cli_writes_and_reports(tmp_path):
     assert again.exit_code != 0 and "--force" in again.output
     bad = CliRunner().invoke(main, ["synth", str(tmp_path / "x"), "--format", "mp4", "--bit-depth", "16"])
     assert bad.exit_code != 0 and "8-bit" in bad.output
+
+
+# ------------------------------------------------------------------ the blobs design (localisation benchmark)
+
+BLOBS = SynthConfig(patients=3, videos=1, frames=8, size=(128, 128), seed=4, design="blobs", crop=72)
+
+
+@pytest.fixture(scope="module")
+def blob_videos():
+    return generate_archive(BLOBS)
+
+
+def _crop_of(v, shape=(128, 128)):
+    c = inscribed_square(v.fov, shape)
+    return (slice(c.y, c.y + c.size), slice(c.x, c.x + c.size)), c.size
+
+
+def test_blobs_design_crop_and_coverage(blob_videos):
+    again = generate_archive(BLOBS)
+    for a, b in zip(blob_videos, again, strict=True):
+        np.testing.assert_array_equal(a.frames, b.frames)
+    for v in blob_videos:
+        region, side = _crop_of(v)
+        assert side == 72
+        if v.label == "glioblastoma":
+            assert v.masks == {}
+            continue
+        for i, mask in v.masks.items():
+            assert mask[region].sum() == mask.sum()  # every body lies inside the crop
+            assert 0.05 <= mask[region].mean() <= 0.15
+            tissue = v.fov.mask((128, 128)) & ~mask
+            assert v.frames[i][mask].mean() < 0.5 * v.frames[i][tissue].mean()
+
+
+def test_blobs_design_many_layouts_that_slide(blob_videos):
+    v = blob_videos[0]
+    m = v.masks
+    overlap = lambda a, b: (m[a] & m[b]).sum() / (m[a] | m[b]).sum()  # noqa: E731
+    assert overlap(0, 1) > 0.5  # one layout: the bodies slide a little
+    assert not np.array_equal(m[0], m[1]) or not np.array_equal(m[1], m[2])
+    assert overlap(0, 4) < 0.3 and overlap(3, 4) < 0.3  # layout_every=4: frame 4 shows new bodies
+
+
+def test_blobs_design_texture_is_no_class_cue():
+    """Tissue outside the bodies has one distribution in both classes (unlike the texture design):
+    its contrast (std / mean, gain-free) separates the classes of the texture design, not these."""
+    separation = {}
+    for design in ("blobs", "texture"):
+        config = SynthConfig(patients=10, videos=1, frames=1, size=(96, 96), seed=2, design=design)
+        contrast = {"meningioma": [], "glioblastoma": []}
+        for v in generate_archive(config):
+            region, _ = _crop_of(v, (96, 96))
+            tissue = v.frames[0][region].astype(float)
+            tissue = tissue[~v.masks[0][region]] if v.masks else tissue.ravel()
+            contrast[v.label].append(tissue.std() / tissue.mean())
+        a, b = (np.array(x) for x in contrast.values())
+        separation[design] = abs(a.mean() - b.mean()) / np.sqrt((a.var() + b.var()) / 2)
+    assert separation["texture"] > 2 and separation["blobs"] < 1.2
+
+
+def test_blobs_design_distractors_in_both_classes_and_rims():
+    plain = SynthConfig(patients=1, videos=1, frames=2, size=(128, 128), seed=1, design="blobs", crop=72)
+    for c in (0, 1):
+        base, vessels = (generate_video(cfg, c, 0, 0) for cfg in (plain, replace(plain, distractors=True)))
+        region, _ = _crop_of(base)
+        dark = [(v.frames[0][region] < 0.5 * np.median(v.frames[0][region])).mean() for v in (base, vessels)]
+        assert dark[1] > dark[0] + 0.02  # dark bands, outside the ground truth
+        if c == 0:
+            np.testing.assert_array_equal(base.masks[0], vessels.masks[0])
+            rims = generate_video(replace(plain, rims=True), 0, 0, 0)
+            mask = rims.masks[0]
+            assert rims.frames[0][mask].max() > base.frames[0][mask].max()
+
+
+def test_design_checks_and_cli(tmp_path):
+    with pytest.raises(ValueError, match="design"):
+        SynthConfig(design="stripes")
+    with pytest.raises(ValueError, match="blobs design"):
+        SynthConfig(distractors=True)
+    with pytest.raises(ValueError, match="classes"):
+        SynthConfig(design="blobs", classes=3)
+    with pytest.raises(ValueError, match="crop"):
+        SynthConfig(design="blobs", size=(96, 96), crop=90)
+    out = tmp_path / "b"
+    args = ["synth", str(out), "--design", "blobs", "--patients", "1", "--videos", "1", "--frames", "2",
+            "--size", "96", "96", "--crop", "60", "--distractors"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "2 masks" in result.output
+    bad = CliRunner().invoke(main, ["synth", str(tmp_path / "t"), "--rims"])
+    assert bad.exit_code == 1 and "blobs design" in bad.output

@@ -1,13 +1,23 @@
-"""A deterministic synthetic pCLE archive, for tests and the demo (no real patient data needed).
+"""A deterministic synthetic pCLE archive, for tests, the demo and the localisation benchmark.
 
 Each video shows tissue texture inside a circular field of view (centre and radius vary per video,
 some off-centre) on a black background with a small vendor-like text mark in a corner, slow probe
-drift between frames, and noise. The classes differ in morphology:
+drift between frames, and noise. ``meningioma`` frames carry dark round psammoma-body-like blobs with
+an exact ground-truth mask per frame; ``glioblastoma`` frames have none. Two designs (``design=``):
 
-- ``meningioma``: cell-like texture with dark round psammoma-body-like blobs of varied size; the
-  blobs are the discriminative cue and each meningioma frame gets an exact ground-truth mask.
-- ``glioblastoma``: a denser, brighter cell-like texture and no blobs.
-- (``--classes 3``/``4`` add ``fibrous`` and ``sparse`` textures without blobs, for multi-class tests.)
+- ``"blobs"`` (the localisation benchmark, a known answer): both classes draw their texture from ONE
+  distribution and every frame gets its own gain, so the bodies are the only class cue. The blob
+  layout (2-5 bodies of radius 6-11 % of the crop, covering 5-15 % of it) is redrawn every
+  ``layout_every`` frames and each body slides in between, so a video shows many independent
+  layouts. ``crop=`` fixes the side of the FOV's inscribed square (the paper's crops are 230 px, e.g.
+  in 576x578 frames). Options: ``distractors`` (dark, sinuous, non-round vessel-like bands in both
+  classes, as dark as the bodies, so "dark" alone is no cue) and ``rims`` (bright calcified rims and
+  faint concentric lamellae on the bodies, inside the mask). Two classes only.
+- ``"texture"`` (the default, kept as a negative control): the classes also differ in texture
+  (meningioma cell-like texture +0.08 brighter background, glioblastoma a denser, brighter cell
+  texture) and the blobs are fixed per video, so a classifier can be right for the wrong reason
+  (the texture) and its maps then miss the bodies. ``classes=3``/``4`` add ``fibrous`` and
+  ``sparse`` textures without blobs, for multi-class tests.
 
 Everything follows from ``seed``: each video draws from its own generator seeded with
 ``(seed, class, patient, video)``, so any video can be regenerated alone (:func:`generate_video`).
@@ -25,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from xrcam.preprocess import FieldOfView
+from xrcam.preprocess import FieldOfView, inscribed_square
 
 __all__ = [
     "CLASS_NAMES",
+    "DESIGNS",
     "FORMATS",
     "SynthConfig",
     "SynthVideo",
@@ -40,6 +51,8 @@ __all__ = [
 ]
 
 CLASS_NAMES = ("meningioma", "glioblastoma", "fibrous", "sparse")
+#: Generator designs: ``blobs`` (the localisation benchmark) and ``texture`` (the shortcut control).
+DESIGNS = ("blobs", "texture")
 # format name -> file suffix of one video ("" = a folder of frames with this frame suffix)
 FORMATS = {"mkt": ".mkt", "avi": ".avi", "mp4": ".mp4", "png": "", "jpg": "", "tif": "", "tiff-stack": ".tif"}
 _FRAME_SUFFIX = {"png": ".png", "jpg": ".jpg", "tif": ".tif"}
@@ -50,7 +63,12 @@ _FRAME_RATE = 12
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """What to generate: ``patients`` per class, ``videos`` per patient, ``frames`` per video."""
+    """What to generate: ``patients`` per class, ``videos`` per patient, ``frames`` per video.
+
+    ``design`` (:data:`DESIGNS`) picks what separates the classes; ``crop`` (blobs design) fixes the
+    side of the FOV's inscribed square in pixels, ``layout_every`` the frames per blob layout,
+    ``distractors`` adds dark vessels to both classes, ``rims`` bright rims and rings to the bodies.
+    """
 
     classes: int = 2
     patients: int = 3
@@ -60,16 +78,31 @@ class SynthConfig:
     bit_depth: int = 8
     seed: int = 0
     mask_every: int = 1
+    design: str = "texture"
+    crop: int | None = None  # blobs design: inscribed-square side; None: FOV radius 40-46 % of the frame
+    layout_every: int = 4
+    distractors: bool = False
+    rims: bool = False
 
     def __post_init__(self):
-        if not 1 <= self.classes <= len(CLASS_NAMES):
-            raise ValueError(f"classes must be 1..{len(CLASS_NAMES)}, got {self.classes}")
-        if min(self.patients, self.videos, self.frames, self.mask_every) < 1:
-            raise ValueError("patients, videos, frames and mask_every must all be >= 1")
+        if self.design not in DESIGNS:
+            raise ValueError(f"unknown design {self.design!r}; choose one of {', '.join(DESIGNS)}")
+        classes = len(CLASS_NAMES) if self.design == "texture" else 2
+        if not 1 <= self.classes <= classes:
+            raise ValueError(f"classes must be 1..{classes} for the {self.design} design, got {self.classes}")
+        if min(self.patients, self.videos, self.frames, self.mask_every, self.layout_every) < 1:
+            raise ValueError("patients, videos, frames, mask_every and layout_every must all be >= 1")
         if min(self.size) < 32:
             raise ValueError(f"size must be at least 32x32 pixels, got {self.size}")
         if self.bit_depth not in _FULL_SCALE:
             raise ValueError(f"bit_depth must be 8 or 16, got {self.bit_depth}")
+        if self.crop is not None and not 24 <= self.crop <= (min(self.size) - 4) / math.sqrt(2):
+            raise ValueError(
+                f"crop must be 24..{math.floor((min(self.size) - 4) / math.sqrt(2))} px for frames of "
+                f"{self.size[0]}x{self.size[1]} (the FOV must fit in the frame), got {self.crop}"
+            )
+        if self.design == "texture" and (self.crop is not None or self.distractors or self.rims):
+            raise ValueError("crop, distractors and rims belong to the blobs design (design='blobs')")
 
 
 @dataclass
@@ -163,37 +196,66 @@ def _place_mark(fov_mask: np.ndarray, fov: FieldOfView) -> np.ndarray:
     return out & clear
 
 
+def _draw_fov(rng: np.random.Generator, shape: tuple[int, int], radius: float) -> FieldOfView:
+    """The FOV circle of ``radius``: centre jittered, one video in three clearly off-centre."""
+    h, w = shape
+    room = max(min(h, w) / 2 - radius - 1, 0.0)
+    shift = room * (rng.uniform(0.5, 1.0) if rng.random() < 1 / 3 else rng.uniform(0.0, 0.3))
+    angle = rng.uniform(0, 2 * math.pi)
+    return FieldOfView(
+        (w - 1) / 2 + shift * math.cos(angle), (h - 1) / 2 + shift * math.sin(angle), float(radius)
+    )
+
+
+def _draw_drift(rng: np.random.Generator, frames: int, m: int) -> tuple[np.ndarray, int]:
+    """Slow bounded probe drift: ``(T, 2)`` integer offsets in [0, 2A] (each axis a slow sinusoid,
+    under ~0.6 px per frame) and the canvas padding that holds them."""
+    amplitude = max(2.0, 0.08 * m)
+    t = np.arange(frames)
+    omega = rng.uniform(0.3, 0.6) / amplitude
+    phases = rng.uniform(0, 2 * math.pi, 2)
+    offsets = np.rint(amplitude * (1 + np.sin(omega * t[:, None] + phases[None, :]))).astype(int)
+    return offsets, int(math.ceil(2 * amplitude)) + 1
+
+
+def _finish(config: SynthConfig, frames: np.ndarray, disk: np.ndarray, fov: FieldOfView, rng) -> np.ndarray:
+    """Background outside the FOV, noise, the vendor mark, quantisation to the bit depth."""
+    level = np.where(disk, 0.0, 0.012).astype(np.float32)  # dark background outside the FOV
+    sigma = np.where(disk, 0.02, 0.006).astype(np.float32)
+    frames = frames * disk + level
+    frames = np.abs(frames + sigma * rng.standard_normal(frames.shape, dtype=np.float32))
+    frames[:, _place_mark(disk, fov)] = 0.75
+    scale_max = _FULL_SCALE[config.bit_depth]
+    dtype = np.uint8 if config.bit_depth == 8 else np.uint16
+    return np.rint(np.clip(frames, 0.0, 1.0) * scale_max).astype(dtype)
+
+
 def generate_video(config: SynthConfig, class_index: int, patient_index: int, video_index: int) -> SynthVideo:
     """Generate one video (frames, masks, true FOV) from its own seed; independent of the others."""
     label = CLASS_NAMES[class_index]
     patient_rng = np.random.default_rng([config.seed, class_index, patient_index])
     rng = np.random.default_rng([config.seed, class_index, patient_index, video_index + 1])
+    gain = patient_rng.uniform(0.85, 1.15)
+    patient_id = f"PID-{patient_rng.integers(10**7, 10**8)}"
+    render = _texture_video if config.design == "texture" else _blobs_video
+    frames, masks, fov = render(config, label, rng, gain)
+    number = class_index * config.patients + patient_index + 1
+    width = max(2, len(str(config.classes * config.patients)))
+    return SynthVideo(
+        label, f"P{number:0{width}d}", f"V{video_index + 1:02d}", frames, masks, fov, patient_id
+    )
+
+
+def _texture_video(config: SynthConfig, label: str, rng: np.random.Generator, gain: float):
+    """The ``texture`` design: class-specific textures, one fixed blob layout per video."""
     h, w = config.size
     m = min(h, w)
     scale = m / 128  # texture and blob sizes follow the frame size
-    gain = patient_rng.uniform(0.85, 1.15)
-    patient_id = f"PID-{patient_rng.integers(10**7, 10**8)}"
-
-    # field of view: radius 40–46 % of the frame, centre jittered, one video in three clearly off-centre
     radius = m * rng.uniform(0.40, 0.46)
-    room = m / 2 - radius - 1
-    shift = room * (rng.uniform(0.5, 1.0) if rng.random() < 1 / 3 else rng.uniform(0.0, 0.3))
-    angle = rng.uniform(0, 2 * math.pi)
-    fov = FieldOfView(
-        (w - 1) / 2 + shift * math.cos(angle), (h - 1) / 2 + shift * math.sin(angle), float(radius)
-    )
+    fov = _draw_fov(rng, (h, w), radius)
     yy, xx = np.ogrid[:h, :w]
     disk = (xx - fov.cx) ** 2 + (yy - fov.cy) ** 2 <= fov.radius**2
-
-    # slow bounded probe drift: each axis a slow sinusoid, under ~0.6 px per frame
-    amplitude = max(2.0, 0.08 * m)
-    t = np.arange(config.frames)
-    omega = rng.uniform(0.3, 0.6) / amplitude
-    phases = rng.uniform(0, 2 * math.pi, 2)
-    offsets = np.rint(amplitude * (1 + np.sin(omega * t[:, None] + phases[None, :]))).astype(
-        int
-    )  # (T, 2) in [0, 2A]
-    pad = int(math.ceil(2 * amplitude)) + 1
+    offsets, pad = _draw_drift(rng, config.frames, m)
     canvas = (h + pad, w + pad)
     tissue = _texture(rng, label, canvas, scale) * gain
 
@@ -211,23 +273,129 @@ def generate_video(config: SynthConfig, class_index: int, patient_index: int, vi
 
     windows = [(slice(oy, oy + h), slice(ox, ox + w)) for oy, ox in offsets]
     tissue = tissue.astype(np.float32)
-    level = np.where(disk, 0.0, 0.012).astype(np.float32)  # dark background outside the FOV
-    sigma = np.where(disk, 0.02, 0.006).astype(np.float32)
-    frames = np.stack([tissue[win] for win in windows]) * disk + level
-    frames = np.abs(frames + sigma * rng.standard_normal(frames.shape, dtype=np.float32))
-    frames[:, _place_mark(disk, fov)] = 0.75
-    scale_max = _FULL_SCALE[config.bit_depth]
-    dtype = np.uint8 if config.bit_depth == 8 else np.uint16
-    frames = np.rint(np.clip(frames, 0.0, 1.0) * scale_max).astype(dtype)
-
+    frames = _finish(config, np.stack([tissue[win] for win in windows]), disk, fov, rng)
     masks = {}
     if label == "meningioma":
         masks = {int(i): blobs[windows[i]] & disk for i in range(0, config.frames, config.mask_every)}
-    number = class_index * config.patients + patient_index + 1
-    width = max(2, len(str(config.classes * config.patients)))
-    return SynthVideo(
-        label, f"P{number:0{width}d}", f"V{video_index + 1:02d}", frames, masks, fov, patient_id
+    return frames, masks, fov
+
+
+# blobs design: bodies per layout, radius (fraction of the crop side), mask coverage of the crop, darkening
+_BODIES = (2, 5)
+_BODY_RADIUS = (0.06, 0.11)
+_COVERAGE = (0.05, 0.15)
+_DARK = (0.12, 0.22)
+_BODY_SPEED = 0.6  # px per frame, each body's own slide (the probe drift comes on top)
+
+
+def _shared_texture(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """Tissue in [0, 1] from ONE distribution for every class (blobs design); parameters drawn per video.
+
+    The ranges span both classes of the texture design (meningioma's sparser, darker cells and
+    glioblastoma's denser, brighter ones), so texture says nothing about the class.
+    """
+    base = 0.30 + rng.uniform(0.0, 0.08) + 0.06 * _smooth_noise(rng, shape, 12 * scale)
+    cells = _cells(rng, shape, rng.uniform(0.010, 0.020) / scale**2, rng.uniform(1.2, 1.6) * scale)
+    return np.clip(base + rng.uniform(0.40, 0.55) * cells, 0.0, 1.0)
+
+
+def _vessel(rng: np.random.Generator, side: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """A dark, sinuous, non-round vessel-like band across the crop (crop-local bool mask)."""
+    p0 = rng.uniform(0.2 * side, 0.8 * side, 2)
+    theta = rng.uniform(0, math.pi)
+    length = side * rng.uniform(0.7, 1.3)
+    amp, wavelength, phase = (
+        side * rng.uniform(0.03, 0.10),
+        side * rng.uniform(0.4, 0.9),
+        rng.uniform(0, 2 * math.pi),
     )
+    half_width = side * rng.uniform(0.015, 0.03)
+    s = np.linspace(-length / 2, length / 2, 128)
+    lateral = amp * np.sin(2 * math.pi * s / wavelength + phase)
+    py = p0[0] + s * math.sin(theta) + lateral * math.cos(theta)
+    px = p0[1] + s * math.cos(theta) - lateral * math.sin(theta)
+    nearest = np.full(np.broadcast_shapes(yy.shape, xx.shape), np.inf, dtype=np.float32)
+    for y, x in zip(py, px, strict=True):
+        np.minimum(nearest, (yy - y) ** 2 + (xx - x) ** 2, out=nearest)
+    return nearest <= half_width**2
+
+
+def _layout(rng: np.random.Generator, side: int, steps: int, yy: np.ndarray, xx: np.ndarray):
+    """One blob layout: centres, radii, velocities and darkening of 2-5 bodies whose union covers
+    5-15 % of the crop on each of its ``steps`` frames (drawn again until it does, bounded)."""
+    for _ in range(200):
+        n = int(rng.integers(_BODIES[0], _BODIES[1] + 1))
+        radii = side * rng.uniform(*_BODY_RADIUS, n)
+        velocity = rng.uniform(-_BODY_SPEED, _BODY_SPEED, (n, 2))
+        reach = np.maximum(side / 2 - radii - np.abs(velocity).max(1) * steps - 1, 1.0)
+        centres = side / 2 - 0.5 + rng.uniform(-1, 1, (n, 2)) * reach[:, None]
+        coverage = [_bodies(centres + k * velocity, radii, yy, xx).any(0).mean() for k in (0, steps - 1)]
+        if _COVERAGE[0] <= min(coverage) and max(coverage) <= _COVERAGE[1]:
+            break
+    return centres, radii, velocity, rng.uniform(*_DARK, n)
+
+
+def _bodies(centres: np.ndarray, radii: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """``(n, side, side)`` squared-distance-inside masks of the bodies (crop-local)."""
+    d2 = (yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2
+    return d2 <= radii[:, None, None] ** 2
+
+
+def _blobs_video(config: SynthConfig, label: str, rng: np.random.Generator, gain: float):
+    """The ``blobs`` design: one texture distribution, the bodies are the only class cue.
+
+    Blob layouts are redrawn every ``layout_every`` frames (the probe reaching new tissue) and each
+    body slides in between, so a video shows many independent layouts; every frame has its own gain.
+    """
+    h, w = config.size
+    m = min(h, w)
+    if config.crop is None:
+        radius = m * rng.uniform(0.40, 0.46)
+    else:  # floor(radius * sqrt(2)) == crop
+        radius = (config.crop + rng.uniform(0.05, 0.9)) / math.sqrt(2)
+    fov = _draw_fov(rng, (h, w), radius)
+    crop = inscribed_square(fov, (h, w))
+    side = crop.size
+    scale = side / 78  # the texture design's scale at its own crop of ~78 px in 128-px frames
+    disk = fov.mask((h, w))
+    offsets, pad = _draw_drift(rng, config.frames, round(side / 0.6))
+    tissue = (_shared_texture(rng, (h + pad, w + pad), scale) * gain).astype(np.float32)
+    frames = np.stack([tissue[oy : oy + h, ox : ox + w] for oy, ox in offsets])
+    frames *= rng.uniform(0.85, 1.15, (config.frames, 1, 1)).astype(np.float32)  # per-frame gain
+    yy, xx = np.mgrid[:side, :side].astype(np.float32)
+    region = (slice(crop.y, crop.y + side), slice(crop.x, crop.x + side))
+    truth = np.zeros((config.frames, h, w), dtype=bool)
+    # own streams for the vessels and the rims: switching either on leaves the bodies where they were
+    vessel_rng, rim_rng = (np.random.default_rng(rng.integers(2**63)) for _ in range(2))
+    for t0 in range(0, config.frames, config.layout_every):
+        t1 = min(config.frames, t0 + config.layout_every)
+        local = frames[t0:t1, region[0], region[1]]  # a view: edits land in frames
+        if config.distractors:  # in both classes, as dark as the bodies
+            for _ in range(int(vessel_rng.integers(1, 3))):
+                vessel = _vessel(vessel_rng, side, yy, xx)
+                local[:, vessel] *= np.float32(vessel_rng.uniform(*_DARK))
+        if label != "meningioma":
+            continue
+        centres, radii, velocity, dark = _layout(rng, side, t1 - t0, yy, xx)
+        rim = rim_rng.uniform(0.25, 0.4, len(radii)) if config.rims else None
+        for k in range(t1 - t0):
+            c = centres + k * velocity
+            inside = _bodies(c, radii, yy, xx)
+            image = local[k]
+            for b in range(len(radii)):
+                image[inside[b]] *= np.float32(dark[b])
+                if rim is not None:  # bright calcified rim and faint concentric lamellae
+                    d = np.sqrt((yy - c[b, 0]) ** 2 + (xx - c[b, 1]) ** 2)
+                    ring = inside[b] & (d > 0.78 * radii[b])
+                    image[ring] += np.float32(rim[b])
+                    core = inside[b] & ~ring
+                    image[core] += np.float32(0.06) * (1 + np.cos(2 * math.pi * d[core] / (0.3 * radii[b])))
+            truth[t0 + k, region[0], region[1]] = inside.any(0)
+    frames = _finish(config, np.clip(frames, 0.0, 1.0), disk, fov, rng)
+    masks = {}
+    if label == "meningioma":
+        masks = {int(i): truth[i] & disk for i in range(0, config.frames, config.mask_every)}
+    return frames, masks, fov
 
 
 def _indices(config: SynthConfig) -> Iterator[tuple[int, int, int]]:
