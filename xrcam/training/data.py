@@ -96,7 +96,7 @@ def prepare_data(archive: Any, config: TrainConfig, *, progress: bool = False) -
     mean, std = model_normalisation(load_model(config.model, num_classes=len(classes)))
     # frames are stored grey in [0, 1] (identity normalisation); the model's mean/std apply per batch
     pre_config = PreprocessConfig(frame_step=config.frame_step, mean=(0.0,) * 3, std=(1.0,) * 3)
-    geometry = {}  # video_id -> its detected crop and FOV
+    geometry = {}  # video_id -> its detected crop and frame count
     for entry in entries:
         try:
             geometry[entry.video_id] = _detect_geometry(entry.path, pre_config)
@@ -106,7 +106,7 @@ def prepare_data(archive: Any, config: TrainConfig, *, progress: bool = False) -
     if not geometry:
         raise XrcamInputError(getattr(archive, "root", "archive"), "no video with a usable field of view")
     # one tensor set needs one size: the median crop side unless --image-size says otherwise
-    size = config.image_size or int(np.median([crop.size for crop, _, _ in geometry.values()]))
+    size = config.image_size or int(np.median([crop.size for crop, _ in geometry.values()]))
     pre_config = dataclasses.replace(pre_config, size=size)
 
     per_split: dict[str, list[tuple[torch.Tensor, int]]] = {s: [] for s in SPLITS}
@@ -119,7 +119,7 @@ def prepare_data(archive: Any, config: TrainConfig, *, progress: bool = False) -
     for entry in iterator:
         split = assignment[entry.patient]
         try:
-            images = _load_video(entry.path, config, pre_config, geometry[entry.video_id])
+            images = _load_video(entry, config, pre_config, geometry[entry.video_id])
         except XrcamInputError as exc:
             problems.append(str(exc))
             log.warning("skipping video: %s", exc)
@@ -172,33 +172,31 @@ def _class_order(config: TrainConfig, labels: list[str]) -> list[str]:
     return classes
 
 
-def _detect_geometry(path: Path, pre_config: Any) -> tuple[Any, tuple[int, int], Any]:
-    """(crop, frame shape, FOV) of one video, detected on its first frame as ``xrcam run`` does."""
+def _detect_geometry(path: Path, pre_config: Any) -> tuple[Any, int]:
+    """(crop, number of frames) of one video, the crop detected on its first frame as ``xrcam run`` does."""
+    from xrcam.frames import open_preprocessor
     from xrcam.io.readers import open_video
-    from xrcam.preprocess import Preprocessor
 
     with open_video(path) as reader:
-        pre = Preprocessor.for_video(reader, pre_config)
-    return pre.crop, pre.frame_shape, pre.fov
+        return open_preprocessor(reader, pre_config).crop, reader.num_frames
 
 
-def _load_video(
-    path: Path, config: TrainConfig, pre_config: Any, geometry: tuple[Any, tuple[int, int], Any]
-) -> torch.Tensor:
-    """Kept frames of one video, preprocessed without normalisation: (F, 1, S, S) float16 grey in [0, 1]."""
-    from xrcam.io.readers import open_video
-    from xrcam.preprocess import Preprocessor
+def _load_video(entry: Any, config: TrainConfig, pre_config: Any, geometry: tuple[Any, int]) -> torch.Tensor:
+    """Kept frames of one video, preprocessed without normalisation: (F, 1, S, S) float16 grey in [0, 1].
 
-    crop, frame_shape, fov = geometry
-    pre = Preprocessor(crop, frame_shape, pre_config, fov, path)
-    with open_video(path) as reader:
-        kept = list(pre.frame_indices(reader.num_frames))
-        if config.max_frames_per_video is not None and len(kept) > config.max_frames_per_video:
-            pick = np.linspace(0, len(kept) - 1, config.max_frames_per_video).round().astype(int)
-            kept = [kept[i] for i in sorted(set(pick.tolist()))]
-        wanted = set(kept)
-        raw = [frame for index, frame in reader.read(step=config.frame_step) if index in wanted]
-    if not raw:
-        raise XrcamInputError(path, "no frames to train on")
-    chunks = [pre(np.stack(raw[i : i + 64]))[:, :1].to(torch.float16) for i in range(0, len(raw), 64)]
+    Read by :func:`xrcam.frames.read_batches`, the reader ``xrcam run`` explains with, so training sees
+    exactly the crops a run would.
+    """
+    from xrcam.frames import read_batches
+
+    crop, num_frames = geometry
+    positions = None  # every kept frame
+    kept = -(-num_frames // config.frame_step)
+    if config.max_frames_per_video is not None and kept > config.max_frames_per_video:
+        pick = np.linspace(0, kept - 1, config.max_frames_per_video).round().astype(int)
+        positions = sorted(set(pick.tolist()))
+    batches = read_batches(entry, pre_config, positions=positions, batch_size=64, crop=crop, masks=False)
+    chunks = [batch.x[:, :1].to(torch.float16) for batch in batches]
+    if not chunks:
+        raise XrcamInputError(entry.path, "no frames to train on")
     return torch.cat(chunks)
