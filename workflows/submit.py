@@ -23,6 +23,8 @@ from importlib import resources
 from pathlib import Path
 
 __all__ = [
+    "DEFAULT_JOB_NAME",
+    "LOG_LINES",
     "SlurmJob",
     "default_bin_dir",
     "render_sbatch",
@@ -35,6 +37,8 @@ __all__ = [
 ]
 
 TEMPLATE = "slurm.sbatch"
+DEFAULT_JOB_NAME = "xrcam"
+LOG_LINES = 20  # log lines `xrcam status` shows
 # seconds before the time limit at which SLURM warns the batch shell (USR1) when --requeue is on
 REQUEUE_WARNING_S = 180
 # how long `xrcam submit ray` waits for a just-started cluster's job agent
@@ -67,7 +71,7 @@ class SlurmJob:
     time: str | None = None
     account: str | None = None
     requeue: bool = False
-    job_name: str = "xrcam"
+    job_name: str = DEFAULT_JOB_NAME
     extra_sbatch: Sequence[str] = ()
     run_args: Sequence[str] = ()
     reduce: bool = True
@@ -187,7 +191,7 @@ def run_commands(
 
 
 def submit_ray_job(
-    address: str, entrypoint: str, job_name: str = "xrcam", metadata: dict | None = None
+    address: str, entrypoint: str, job_name: str = DEFAULT_JOB_NAME, metadata: dict | None = None
 ) -> str:
     """Submit ``entrypoint`` to the Ray cluster whose dashboard is at ``address``; returns the job id."""
     from ray.job_submission import JobSubmissionClient
@@ -221,7 +225,7 @@ def _tail(text: str, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def slurm_status(job_id: str, log_lines: int = 20) -> str:
+def slurm_status(job_id: str, log_lines: int = LOG_LINES) -> str:
     """A report on a SLURM job: its state from squeue (or sacct/scontrol once it left the queue)
     and the end of its output file."""
     state = ""
@@ -256,7 +260,7 @@ def slurm_status(job_id: str, log_lines: int = 20) -> str:
     return "\n".join(report)
 
 
-def ray_status(job_id: str, address: str, log_lines: int = 20) -> str:
+def ray_status(job_id: str, address: str, log_lines: int = LOG_LINES) -> str:
     """A report on a Ray job: its status, message and the end of its logs."""
     from ray.job_submission import JobSubmissionClient
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from workflows.submit import LOG_LINES  # standard library only: --help stays light
+
 
 @click.command(context_settings={"show_default": True})
 @click.argument("job")
@@ -21,7 +23,7 @@ import click
     default=None,
     help="The Ray cluster's Jobs API, e.g. http://HEAD:8265 (Ray jobs only).",
 )
-@click.option("--lines", type=click.IntRange(min=0), default=20, help="Log lines to show.")
+@click.option("--lines", type=click.IntRange(min=0), default=LOG_LINES, help="Log lines to show.")
 def command(job: str, backend: str | None, address: str | None, lines: int) -> None:
     """Report the state of JOB and the end of its log.
 

@@ -6,13 +6,16 @@ from pathlib import Path
 
 import click
 
+from workflows.submit import DEFAULT_JOB_NAME, SlurmJob  # standard library only: --help stays light
+
+_SLURM = SlurmJob.__dataclass_fields__  # the defaults live on the dataclass; the options read them
 _ARCHIVE = click.argument("archive", type=click.Path(exists=True, path_type=Path))
 _OUT = click.option(
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Results folder."
 )
 _RUN_ARGS = click.argument("run_args", nargs=-1, type=click.UNPROCESSED)
 _NO_REDUCE = click.option("--no-reduce", is_flag=True, help="Only `xrcam run`; skip `xrcam reduce`.")
-_JOB_NAME = click.option("--job-name", default="xrcam", show_default=True, help="Name of the job.")
+_JOB_NAME = click.option("--job-name", default=DEFAULT_JOB_NAME, show_default=True, help="Name of the job.")
 
 
 @click.group()
@@ -29,18 +32,22 @@ def command() -> None:
 @command.command("slurm", context_settings={"show_default": True})
 @_ARCHIVE
 @_OUT
-@click.option("--nodes", type=click.IntRange(min=1), default=1, help="Nodes; Ray gets one node each.")
+@click.option(
+    "--nodes",
+    type=click.IntRange(min=1),
+    default=_SLURM["nodes"].default,
+    help="Nodes; Ray gets one node each.",
+)
 @click.option(
     "--gpus-per-node",
     type=click.IntRange(min=0),
-    default=0,
-    envvar="XRCAM_GPUS_PER_NODE",
+    default=_SLURM["gpus_per_node"].default,
     help="GPUs per node (#SBATCH --gpus-per-node); Ray sees what SLURM grants.",
 )
 @click.option("--cpus-per-task", type=click.IntRange(min=1), default=None, help="CPUs per node.")
-@click.option("--partition", envvar="XRCAM_PARTITION", default=None, help="SLURM partition.")
+@click.option("--partition", default=None, help="SLURM partition.")
 @click.option("--time", "time_limit", default=None, help="Time limit, e.g. 04:00:00.")
-@click.option("--account", envvar="XRCAM_ACCOUNT", default=None, help="Account to charge.")
+@click.option("--account", default=None, help="Account to charge.")
 @click.option(
     "--requeue",
     is_flag=True,
