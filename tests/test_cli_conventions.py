@@ -234,3 +234,24 @@ def test_a_toml_array_fills_a_comma_separated_option(base, tmp_path):
     config = _toml(tmp_path / "a.toml", '[train]\nclasses = ["meningioma", "glioblastoma"]\n')
     params = _parsed(("train",), [*base[("train",)], "--config", str(config)])
     assert params["classes"] == ("meningioma", "glioblastoma")
+
+
+def test_a_new_option_is_written_in_one_place(tmp_path, monkeypatch):
+    """An option declared in a command file gets its TOML key, variables and help line from the convention."""
+
+    @click.command()
+    @click.option("--window-size", type=int, default=3, help="A new option.")
+    def fresh(window_size: int) -> None:
+        click.echo(f"window {window_size}")
+
+    command = apply(fresh, ("fresh",))
+    runner = CliRunner()
+    help_text = runner.invoke(command, ["--help"]).output
+    assert "XRCAM_FRESH_WINDOW_SIZE" in help_text and "XRCAM_WINDOW_SIZE" in help_text and "--config" in help_text
+    config = _toml(tmp_path / "f.toml", "[fresh]\nwindow-size = 5\n")
+    assert runner.invoke(command, ["--config", str(config)]).output.strip() == "window 5"
+    monkeypatch.setenv("XRCAM_FRESH_WINDOW_SIZE", "7")
+    assert runner.invoke(command, ["--config", str(config)]).output.strip() == "window 7"
+    bad = _toml(tmp_path / "b.toml", '[fresh]\nwindow-size = "wide"\n')
+    result = runner.invoke(command, ["--config", str(bad)])
+    assert result.exit_code == 2 and "'window-size'" in result.output

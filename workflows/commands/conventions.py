@@ -166,7 +166,7 @@ def _read_config(ctx: click.Context, param: click.Parameter, value: Path | None,
     params = {key(p): p for p in ctx.command.params if p.name and p.name != "config"}
     values: dict[str, Any] = {}
     shared_unknown = []
-    for text, item in _plain_keys(data):
+    for text, item in _plain_keys(data, own=table.split(".")[0]):
         name = text.replace("-", "_")
         if name in params:
             values[name] = item
@@ -215,10 +215,10 @@ def _table(data: Mapping[str, Any], parts: list[str]) -> Mapping[str, Any]:
     return data
 
 
-def _plain_keys(data: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-    """The keys of ``data`` but the command tables (``[run]``, ``[submit.slurm]``: other sections)."""
+def _plain_keys(data: Mapping[str, Any], own: str = "") -> Iterator[tuple[str, Any]]:
+    """The keys of ``data`` but the command tables (``[run]``, ``[submit.slurm]``, this command's ``own``)."""
     for text, item in data.items():
-        if text in COMMANDS:
+        if text in COMMANDS or (text == own and isinstance(item, Mapping)):
             continue
         yield text, item
 
