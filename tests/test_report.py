@@ -203,7 +203,9 @@ def test_report_is_self_contained_with_cis_colour_bars_both_classes_and_verdicts
 def test_report_when_the_archive_has_moved_says_so_and_escapes_names(tmp_path):
     import zarr
 
-    write_archive(tmp_path / "archive", SynthConfig(patients=1, videos=1, frames=4, size=(96, 96), seed=5), fmt="png")
+    write_archive(
+        tmp_path / "archive", SynthConfig(patients=1, videos=1, frames=4, size=(96, 96), seed=5), fmt="png"
+    )
     results = tmp_path / "results"
     build_store_over_archive(results, tmp_path / "archive")
     group = zarr.open_group(str(results / "maps.zarr"), mode="r+")
@@ -400,7 +402,7 @@ def test_report_of_a_real_run_renders_in_headless_chromium(real_results, tmp_pat
     assert probe["errors"] == [] and "Uncaught" not in run.stderr
     assert probe["images"] >= 10 and probe["broken"] == []
     assert probe["ci"] >= 7 and sorted(probe["labels"]) == ["glioblastoma", "meningioma"]
-    assert probe["title"].startswith("xrcam report: archive · resnet18")
+    assert probe["title"] == "xrcam report: archive/manifest.csv · resnet18"
     shot = tmp_path / "report.png"
     subprocess.run(
         [chromium, *flags, f"--screenshot={shot}", report.as_uri()],

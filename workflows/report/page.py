@@ -37,6 +37,7 @@ from workflows.report.sections import (
     pick_samples,
     plain_table,
     probabilities,
+    short_label,
     strip_positions,
     verdict_tables,
     verdicts,
@@ -101,7 +102,10 @@ def _frames(res, key: str, positions: Sequence[int], size: int, notes: list[str]
 
 
 def _title(settings) -> tuple[str, str]:
-    archive = Path(str(settings.get("archive") or "")).name or "archive"
+    path = Path(str(settings.get("archive") or ""))
+    archive = (
+        f"{path.parent.name}/{path.name}" if path.suffix else path.name
+    ) or "archive"  # a manifest: its folder too
     model = str(settings.get("model") or "model")
     checkpoint = settings.get("checkpoint")
     sub = f"model {model}" + (
@@ -176,7 +180,7 @@ def _localisation(res, metrics, methods, singles, table2, notes) -> str:
             [r for r in refs if not r.startswith("inverted_")],
             title=title.split(": ", 1)[1] + ", 95 % CI over patients",
             xlabel=xlabel,
-            labels={n: label(n) for n in [*rows, *refs]},
+            labels={n: short_label(n) for n in [*rows, *refs]},
         )
         parts.append(
             f'<figure><img alt="{esc(title)} chart" src="{figures.data_uri(chart, "chart")}">'
@@ -452,6 +456,17 @@ def build_report(
                 bits.append(f"{label(name)} {c['miou']:.1f} % [{c['lo']:.1f}, {c['hi']:.1f}]")
         if bits:
             glance.append(f"mIoU at {layer_title(first)} (95 % CI): " + "; ".join(bits) + ".")
+        chance = [t1.loc[(r, first), "hi"] for r in ("random", "centre") if (r, first) in t1.index]
+        if chance and (primary, first) in t1.index and np.isfinite(t1.loc[(primary, first), "lo"]):
+            above = t1.loc[(primary, first), "lo"] > max(chance)
+            glance.append(
+                f"{label(primary)} at {layer_title(first)} is "
+                + (
+                    "above chance: its CI lies above the random and centre rows' CIs."
+                    if above
+                    else "not distinguishable from chance: its CI overlaps the random or centre row's."
+                )
+            )
         if not any(is_reference(n) for n in t1.index.get_level_values(0)):
             notes.append(
                 "This results folder has no reference rows (random, centre, oracle): chance level is not shown."

@@ -32,6 +32,12 @@ NAMES = {
     "centre": "centre prior",
     "random": "random map (chance)",
 }
+SHORT = {
+    "oracle": "oracle (ceiling)",
+    "intensity": "inverted intensity",
+    "centre": "centre prior",
+    "random": "random (chance)",
+}
 
 
 def esc(value) -> str:
@@ -43,6 +49,11 @@ def label(name: str) -> str:
     if name.startswith(INVERTED_PREFIX):
         return f"{label(name.removeprefix(INVERTED_PREFIX))} inverted (sign check)"
     return NAMES.get(name, name)
+
+
+def short_label(name: str) -> str:
+    """A name short enough for a chart legend."""
+    return SHORT.get(name, label(name))
 
 
 def is_reference(name: str) -> bool:
