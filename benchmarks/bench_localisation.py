@@ -206,21 +206,29 @@ def ordering(summary) -> None:
         print(f"         paper {' > '.join(f'{m} {PAPER_TABLE1[m][k]:.1f}' for m in paper)}")
 
 
-def run_one(args, seed: int, distractors: bool, work: Path) -> tuple[list[dict], dict]:
+VARIANTS = {  # name -> (vessel distractors, file format)
+    "plain": (False, "mkt"),
+    "vessels": (True, "mkt"),
+    "png": (False, "png"),  # 8-bit frames scaled /255: no per-frame percentile window
+}
+
+
+def run_one(args, seed: int, variant: str, work: Path) -> tuple[list[dict], dict]:
 
     import xrcam
     from xrcam.synth import SynthConfig, write_archive
     from xrcam.training import TrainConfig, fit, prepare_data
 
-    tag = f"seed{seed}-{'vessels' if distractors else 'plain'}-{args.format}"
+    distractors, fmt = VARIANTS[variant]
+    tag = f"seed{seed}-{variant}"
     root, ckpt = work / tag / "archive", work / tag / "ckpt"
     t0, c0 = time.perf_counter(), cpu_seconds()
     synth = SynthConfig(patients=args.patients, videos=1, frames=args.frames, size=tuple(args.size),
-                        bit_depth=16 if args.format == "mkt" else 8,
+                        bit_depth=16 if fmt == "mkt" else 8,
                         seed=seed, design="blobs", crop=args.crop, layout_every=args.layout_every,
                         distractors=distractors, rims=args.rims)  # fmt: skip
     if not (root / "manifest.csv").exists():
-        write_archive(root, synth, args.format)
+        write_archive(root, synth, fmt)
     config = TrainConfig(model="resnet18", epochs=args.epochs, lr=args.lr, seed=seed, image_size=args.image_size,
                          patience=args.epochs)  # fmt: skip
     data = prepare_data(root, config)
@@ -231,7 +239,7 @@ def run_one(args, seed: int, distractors: bool, work: Path) -> tuple[list[dict],
     rows = score(model, data, grey, gt, patients, labels, rules=args.rules)
     t2, c2 = time.perf_counter(), cpu_seconds()
     for r in rows:
-        r.update(seed=seed, distractors=distractors, seed_patient=f"{seed}:{r['patient']}")
+        r.update(seed=seed, variant=variant, seed_patient=f"{seed}:{r['patient']}")
     info = {"tag": tag, "test_accuracy": result.test_accuracy, "train_frames": len(data.frames["train"]),
             "test_frames_scored": len(grey), "crop": int(grey.shape[-1]),
             "gt_fraction": float(gt.float().mean()), "train_wall_s": t1 - t0, "train_cpu_s": c1 - c0,
@@ -261,7 +269,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
-        "--variants", default="plain,vessels", help="plain, vessels or both (comma-separated)"
+        "--variants", default="plain,vessels", help=f"comma-separated, of {', '.join(VARIANTS)}"
     )
     parser.add_argument(
         "--patients", type=int, default=40, help="per class (80/10/10 split: 4 test per class)"
@@ -274,9 +282,6 @@ def main() -> None:
     )
     parser.add_argument("--layout-every", type=int, default=2)
     parser.add_argument("--rims", action="store_true")
-    parser.add_argument(
-        "--format", default="mkt", help="mkt (16-bit, per-frame percentile window) or png (8-bit)"
-    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rules", default="mean+std,otsu,fraction", help="mask rules for the diagnosis")
@@ -295,18 +300,23 @@ def main() -> None:
     all_rows, infos = [], []
     for variant in args.variants.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            rows, info = run_one(args, seed, variant == "vessels", args.out)
+            rows, info = run_one(args, seed, variant, args.out)
             all_rows += rows
             infos.append(info)
     df = pd.DataFrame.from_records(all_rows)
     df.to_parquet(args.out / "iou.parquet")
     pd.DataFrame(infos).to_csv(args.out / "runs.csv", index=False)
     for variant in args.variants.split(","):
-        part = df[df["distractors"] == (variant == "vessels")]
+        part = df[df["variant"] == variant]
         summary = summarise(part.to_dict("records"))
+        if summary.empty:
+            print(f"\n===== {variant}: no correctly classified annotated test frame to score =====")
+            continue
         summary.to_csv(args.out / f"summary_{variant}.csv", index=False)
         accs = ", ".join(f"{i['test_accuracy']:.3f}" for i in infos if i["tag"].endswith(variant))
-        print(f"\n===== {variant}: {'dark vessels in both classes' if variant == 'vessels' else 'no distractors'}"
+        what = {"plain": "no distractors, .mkt", "vessels": "dark vessels in both classes, .mkt",
+                "png": "no distractors, 8-bit .png"}[variant]  # fmt: skip
+        print(f"\n===== {variant}: {what}"
               f" (seeds {args.seeds}; test accuracy {accs}) =====")  # fmt: skip
         print_table(summary, ("1", "2", "3", "4"), "Table 1: mIoU % [95 % CI over patients] per layer")
         print_table(summary, LAYER_SETS, "Table 2: mIoU % [95 % CI over patients] per layer set",
