@@ -22,9 +22,9 @@ from reduce_helpers import build_store, build_store_over_archive
 
 from workflows.reduce import ReduceSettings, reduce_results
 from workflows.report import ReportOptions, build_report, export_overlay_video, parse_fps
-from workflows.report._source import open_results
 from workflows.report.figures import _LUT, blend, colorize
 from workflows.report.sections import miou_cells, miou_table, pick_samples
+from workflows.results import open as open_results
 from xrcam.errors import XrcamConfigError
 from xrcam.synth import SynthConfig, write_archive
 
@@ -209,7 +209,6 @@ def test_report_when_the_archive_has_moved_says_so_and_escapes_names(tmp_path):
     results = tmp_path / "results"
     build_store_over_archive(results, tmp_path / "archive")
     group = zarr.open_group(str(results / "maps.zarr"), mode="r+")
-    group = group["videos"] if "videos" in group else group  # store format 1 / 2
     key = open_results(results).video_keys[0]
     group[key].attrs["patient"] = EVIL
     group[key].attrs["video_id"] = f"x/{EVIL}/v.mkt"

@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 
 from workflows.report import figures
-from workflows.report._source import open_results
 from workflows.report.sections import (
     PRIMARY,
     cells_from_long,
@@ -42,6 +41,7 @@ from workflows.report.sections import (
     verdict_tables,
     verdicts,
 )
+from workflows.results import open as open_results
 from xrcam.errors import XrcamConfigError, XrcamError
 
 __all__ = ["ReportOptions", "build_report"]
@@ -138,10 +138,9 @@ def _cells(res, name: str, metrics, columns, average: bool):
     """mIoU cells of Table 1/2 from the results' own table (with its CIs); the per-frame average over
     the layers (Table 1's last column) is bootstrapped here from the same per-frame rows."""
     table = _table(res, name)
-    if table is not None and "miou_pct" in table.columns:
-        cells = cells_from_long(table[table["layer_set"].astype(str).isin(columns)])
-    else:
-        cells = miou_cells(metrics, columns)
+    if table is None:
+        return miou_cells(metrics, [])  # no cells: the table was not computed
+    cells = cells_from_long(table[table["layer_set"].astype(str).isin(columns)])
     if average:
         extra = miou_cells(metrics, columns, average=True)
         extra = extra[extra.index.get_level_values(1) == "average"]

@@ -210,14 +210,12 @@ def plain_table(
 
 # ------------------------------------------------------------------------------------------ verdicts
 def frame_numbers(ds) -> np.ndarray:
-    """Source frame number of each stored row of a video."""
-    return np.asarray((ds["frame_index"] if "frame_index" in ds else ds["frame"]).values)
+    """Source frame number of each stored row of a video (the ``frame`` coordinate)."""
+    return np.asarray(ds["frame"].values)
 
 
 def probabilities(ds) -> np.ndarray:
     """(frames, classes) class probabilities: the softmax of the stored logits."""
-    if "probabilities" in ds:
-        return np.asarray(ds["probabilities"].values, dtype=np.float64)
     logits = np.asarray(ds["logits"].values, dtype=np.float64)
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)

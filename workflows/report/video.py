@@ -85,7 +85,7 @@ def export_overlay_video(
     """Write an MP4 of one video's frames with ``method``'s ``layer_set`` map overlaid (see module doc)."""
     import av
 
-    from workflows.report._source import open_results
+    from workflows.results import open as open_results
 
     rate = parse_fps(fps)
     res = open_results(results)
