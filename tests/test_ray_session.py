@@ -69,3 +69,23 @@ def test_tune_process_is_idempotent():
     ray_session.tune_process()
     ray_session.tune_process()
     assert ray_session._tuned is True
+
+
+GUARDED = """
+import os, ray
+os.environ.pop("XRCAM_ADDRESS", None)
+from workflows.ray_guard import MARKER_ENVVAR, marked_processes
+from workflows.ray_session import ray_session
+
+with ray_session(None, num_cpus=1, quiet=True):
+    token = os.environ[MARKER_ENVVAR]
+    print("MARKED", len(marked_processes(token)) > 0)
+print("LEFT", len(marked_processes(token)), MARKER_ENVVAR in os.environ)
+"""
+
+
+@pytest.mark.slow
+def test_a_local_session_leaves_no_ray_process_behind():
+    proc = subprocess.run([sys.executable, "-c", GUARDED], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MARKED True" in proc.stdout and "LEFT 0 False" in proc.stdout, proc.stdout

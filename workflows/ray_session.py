@@ -9,7 +9,8 @@
 - an already initialised Ray (a notebook, the test session) is reused;
 - Ray's own INFO lines are kept off the terminal; one line on stderr says that Ray is starting
   (it takes ~10-20 s), so the wait is not silent;
-- on exit it shuts down only a Ray it started itself.
+- on exit it shuts down only a Ray it started itself; a local Ray it starts is marked with
+  :func:`workflows.ray_guard.orphan_guard`, so its processes die with this one even after a SIGKILL.
 
 Process-wide tuning of worker processes lives in :func:`tune_process`, installed as Ray's
 ``worker_process_setup_hook`` for every worker of the job, and callable directly by code that does
@@ -121,8 +122,13 @@ def ray_session(
     if not address:
         _loopback_even_if_ray_was_imported()
     started = False
+    guard = contextlib.ExitStack()
     try:
         if not ray.is_initialized():
+            if not address:  # a Ray we start dies with this process, even a SIGKILLed one
+                from workflows.ray_guard import orphan_guard
+
+                guard.enter_context(orphan_guard())
             if not quiet:
                 where = f"joining Ray at {address}" if address else "starting a local Ray on 127.0.0.1"
                 print(f"xrcam: {where}…", file=sys.stderr, flush=True)
@@ -147,6 +153,7 @@ def ray_session(
     finally:
         if started:
             ray.shutdown()
+        guard.close()  # after Ray's own shutdown: kills whatever of it is left
         for key, value in restore.items():
             if value is None:
                 os.environ.pop(key, None)
