@@ -20,14 +20,16 @@ def test_family_defaults_come_from_the_registry():
     assert explain.method_family("xrelevancecam").score == "contrastive"
     assert explain.method_family("random") is None and not explain.default_relu("random")
     assert not explain.default_relu("inverted_gradcam")
+    assert explain.method_title("gradcampp") == "GradCAM++" and explain.method_title("random") == "random"
 
 
 def test_a_new_relevance_method_is_one_registered_function(registry):
-    @explain.register_method("meanrelevance", family="relevance")
+    @explain.register_method("meanrelevance", family="relevance", title="MeanRelevanceCAM")
     def _mean(r, a):
         return r.mean(dim=(2, 3))
 
     assert "meanrelevance" in explain.list_methods("relevance")
+    assert explain.method_title("meanrelevance") == "MeanRelevanceCAM"
     assert explain.default_relu("meanrelevance") is False
     assert scoring.default_relu("meanrelevance") is False
     assert metrics.score_function("meanrelevance") is metrics.contrastive_score

@@ -41,6 +41,7 @@ __all__ = [
     "default_relu",
     "list_methods",
     "method_family",
+    "method_title",
     "register_method",
     "stage_signals",
     "StageSignals",
@@ -85,18 +86,22 @@ class Method:
     name: str
     family: str
     weights: Callable[[Tensor, Tensor], Tensor]
+    title: str = ""  # display name in tables and figures (e.g. "GradCAM++"); default: the name
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, family: str) -> Callable:
-    """Decorator registering ``fn(signal, activation) -> weights`` as method ``name`` of ``family``."""
+def register_method(name: str, family: str, title: str | None = None) -> Callable:
+    """Decorator registering ``fn(signal, activation) -> weights`` as method ``name`` of ``family``.
+
+    ``title`` is its display name in reports (default: ``name``).
+    """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
 
     def decorate(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-        _METHODS[name] = Method(name, family, fn)
+        _METHODS[name] = Method(name, family, fn, title or name)
         return fn
 
     return decorate
@@ -111,6 +116,12 @@ def method_family(method: str) -> Family | None:
     """The :class:`Family` of a registered method; ``None`` for other names (reference maps, sign checks)."""
     entry = _METHODS.get(method)
     return None if entry is None else FAMILIES[entry.family]
+
+
+def method_title(method: str) -> str:
+    """Display name of a registered method (``"GradCAM++"``); other names are returned unchanged."""
+    entry = _METHODS.get(method)
+    return method if entry is None else entry.title
 
 
 def default_relu(method: str) -> bool:
@@ -129,13 +140,13 @@ def _spatial_sum(t: Tensor) -> Tensor:
 # ---- gradient family: signal is g = ∂ logit_target / ∂A ------------------------------------------------
 
 
-@register_method("gradcam", family="gradient")
+@register_method("gradcam", family="gradient", title="GradCAM")
 def _gradcam(g: Tensor, a: Tensor) -> Tensor:
     """w_k = mean_hw g (Selvaraju et al., ICCV 2017)."""
     return g.mean(dim=(2, 3))
 
 
-@register_method("gradcampp", family="gradient")
+@register_method("gradcampp", family="gradient", title="GradCAM++")
 def _gradcampp(g: Tensor, a: Tensor) -> Tensor:
     """α = g² / (2g² + Σ_hw A · g³ + 1e-6), α = 0 where g = 0; w_k = Σ_hw α relu(g) (Chattopadhyay et al., WACV 2018)."""
     g2 = g * g
@@ -144,19 +155,19 @@ def _gradcampp(g: Tensor, a: Tensor) -> Tensor:
     return _spatial_sum(alpha * g.clamp(min=0))
 
 
-@register_method("xgradcam", family="gradient")
+@register_method("xgradcam", family="gradient", title="XGradCAM")
 def _xgradcam(g: Tensor, a: Tensor) -> Tensor:
     """w_k = Σ_hw (g A) / (Σ_hw A + 1e-7) (Fu et al., BMVC 2020)."""
     return _spatial_sum(g * a) / (_spatial_sum(a) + 1e-7)
 
 
-@register_method("hirescam", family="gradient")
+@register_method("hirescam", family="gradient", title="HiResCAM")
 def _hirescam(g: Tensor, a: Tensor) -> Tensor:
     """Element weights g: map = Σ_k g_k ⊙ A_k (Draelos & Carin, 2020)."""
     return g
 
 
-@register_method("layercam", family="gradient")
+@register_method("layercam", family="gradient", title="LayerCAM")
 def _layercam(g: Tensor, a: Tensor) -> Tensor:
     """Element weights relu(g): map = Σ_k relu(g_k) ⊙ A_k (Jiang et al., TIP 2021)."""
     return g.clamp(min=0)
@@ -165,13 +176,13 @@ def _layercam(g: Tensor, a: Tensor) -> Tensor:
 # ---- relevance family: signal is the contrastive LRP relevance R at A ----------------------------------
 
 
-@register_method("relevancecam", family="relevance")
+@register_method("relevancecam", family="relevance", title="RelevanceCAM")
 def _relevancecam(r: Tensor, a: Tensor) -> Tensor:
     """w_k = mean_hw R (Lee et al., CVPR 2021)."""
     return r.mean(dim=(2, 3))
 
 
-@register_method("xrelevancecam", family="relevance")
+@register_method("xrelevancecam", family="relevance", title="XRelevanceCAM")
 def _xrelevancecam(r: Tensor, a: Tensor) -> Tensor:
     """w_k = Σ_hw R / (Σ_hw A + 1e-7) (You et al., IJCARS 2024, Eq. 1)."""
     return _spatial_sum(r) / (_spatial_sum(a) + 1e-7)
