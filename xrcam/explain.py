@@ -436,8 +436,10 @@ def create_explainer(
     """Build an :class:`Explainer`; nothing is attached to ``model`` until it is called.
 
     ``methods``: names from :func:`list_methods` (default: all). ``layers``: module names whose outputs
-    are explained (default: the model's stages, :func:`xrcam.models.stage_names`). ``rules``: LRP preset (``"reference"``, ``"epsilon"``, ``"alphabeta"``, extra keyword
-    arguments such as ``epsilon=`` or ``alpha=, beta=`` go to it) or a :class:`~xrcam.lrp.Composite`.
+    are explained (default: the model's stages, :func:`xrcam.models.stage_names`). ``rules``: a
+    registered LRP composite (:func:`xrcam.lrp.list_composites`: ``"reference"``, ``"epsilon"``,
+    ``"alphabeta"``, ...; extra keyword arguments such as ``epsilon=`` or ``alpha=, beta=`` are its
+    parameters) or a :class:`~xrcam.lrp.Composite`.
     ``clrp``: ``"unit"`` (published code) or ``"logit"`` (paper's derivation, for axiom metrics).
     ``contributions``: also return each channel's Σ_hw term of the map. ``activations``: also return A.
     ``mc_samples=T``: average maps and logits over T passes with the model's dropout layers active.
