@@ -111,13 +111,13 @@ def first_run(setup, tmp_path_factory):
 def test_every_frame_once_maps_match_and_failures_are_recorded(setup, first_run):
     result, out = first_run["result"], first_run["out"]
     assert result.exit_code == 1, result.output  # something failed: the exit status says so
-    assert "Results:" in result.output and "xr.open_zarr" in result.output
+    assert "Results:" in result.output and "results.open(" in result.output
     failures = pd.read_parquet(out / "failures.parquet")
-    assert sorted(failures.columns) == ["error_type", "message", "path", "shard", "video_id"]
-    by_video = {row.video_id: row for row in failures.itertuples()}
-    assert set(by_video) == {"meningioma/P01/broken.mkt", "glioblastoma/P09/V01"}
-    assert by_video["meningioma/P01/broken.mkt"].shard == -1  # rejected at discovery
-    frame_failure = by_video["glioblastoma/P09/V01"]
+    assert sorted(failures.columns) == ["error_type", "frame", "message", "path", "shard", "video_id"]
+    by_video = {row.video_id: row for row in failures.itertuples()}  # video_id: the store's key
+    assert set(by_video) == {"meningioma__P01__broken.mkt", "glioblastoma__P09__V01"}
+    assert by_video["meningioma__P01__broken.mkt"].shard == -1  # rejected at discovery
+    frame_failure = by_video["glioblastoma__P09__V01"]
     assert (frame_failure.shard, frame_failure.error_type) == (
         1,
         "XrcamInputError",
@@ -148,10 +148,10 @@ def test_every_frame_once_maps_match_and_failures_are_recorded(setup, first_run)
                 stored = group[map_name(method, layer)][:].astype(np.float32)
                 np.testing.assert_allclose(stored, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
 
-    xr = pytest.importorskip("xarray")
-    ds = xr.open_zarr(out / "maps.zarr", group=f"videos/{keys[0]}", consolidated=False)
-    assert ds["xrelevancecam_layer2"].dims == ("frame", "layer2_y", "layer2_x")
-    assert ds.sizes["frame"] == 4
+    from workflows import results
+
+    ds = results.open(out).video(keys[0])  # the read API the run's summary prints
+    assert ds.sizes["frame"] == 4 and "layer2" in ds
     summary = json.loads((out / "run.json").read_text())
     assert summary["shards_processed"] == 9 and summary["frames_processed"] == 18
 
@@ -191,7 +191,7 @@ def test_rerun_recomputes_nothing_and_other_settings_are_refused(setup, first_ru
     result = CliRunner().invoke(
         main,
         ["run", "--config", str(config), "--batch-size", "2", "--no-progress"],
-        env={"XRCAM_WORKERS": "1"},
+        env={"XRCAM_RUN_WORKERS": "1"},
     )
     assert result.exit_code == 1, result.output  # the broken shard is tried again and fails again
     summary = json.loads((out / "run.json").read_text())
@@ -238,7 +238,7 @@ def test_killed_worker_is_replaced_and_the_store_equals_an_uninterrupted_run(set
             np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=f"{key}/{name}")
 
 
-def test_workers_that_cannot_start_give_one_clear_error(setup):
+def test_an_unreadable_checkpoint_is_refused_before_any_worker_starts(setup):
     broken = setup["root"] / "broken" / "model.pt"
     broken.parent.mkdir()
     broken.write_bytes(b"not a checkpoint")
@@ -246,5 +246,6 @@ def test_workers_that_cannot_start_give_one_clear_error(setup):
     args = ["run", str(setup["archive"]), "--out", str(setup["root"] / "never"), "--checkpoint", str(broken)]
     result = CliRunner().invoke(main, args + OPTIONS)
     assert result.exit_code == 1
-    assert "the workers could not start" in result.output and "model.pt" in result.output
+    assert "model.pt: not a readable PyTorch checkpoint" in result.output
     assert "Traceback" not in result.output
+    assert not (setup["root"] / "never").exists()

@@ -195,6 +195,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             data = _torch_load(path)
         except pickle.UnpicklingError as exc:
+            if "GLOBAL" not in str(exc).upper():  # not a pickled object: the bytes are not a checkpoint
+                raise XrcamCheckpointError(
+                    f"{path}: not a readable PyTorch checkpoint (damaged, or not written by torch.save)"
+                ) from exc
             raise XrcamCheckpointError(
                 f"{path}: refused: the file carries pickled Python objects, and loading it could run code. "
                 "Re-save only the weights, e.g. torch.save(model.state_dict(), path) or xrcam.models.save_checkpoint"

@@ -158,9 +158,9 @@ def _print_summary(summary) -> None:
     click.echo(f"Results: {maps}")
     click.echo(
         "Open them with:\n"
-        "  import xarray as xr, zarr\n"
-        f"  keys = list(zarr.open_group({str(maps)!r}, mode='r')['videos'].group_keys())\n"
-        f"  ds = xr.open_zarr({str(maps)!r}, group=f'videos/{{keys[0]}}', consolidated=False)\n"
+        "  from workflows import results\n"
+        f"  res = results.open({summary.results!r})\n"
+        "  ds = res.video(res.video_keys[0])   # xarray Dataset of one video\n"
         f"Next: {next_command('reduce', summary.results)}"
     )
 
