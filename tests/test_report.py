@@ -416,3 +416,20 @@ def test_report_of_a_real_run_renders_in_headless_chromium(real_results, tmp_pat
     )  # kept beside the results for a human look
     maps = [im for alt, im in _images(document) if "Video" in alt]
     assert maps and all(_has_colour_bar(im) for im in maps)
+
+
+def test_axiom_table_marks_the_lowest_error_per_axiom_and_keeps_tiny_values_visible():
+    from workflows.report.sections import plain_table
+
+    df = pd.DataFrame(
+        {
+            "method": ["gradcam", "gradcam", "xrelevancecam", "xrelevancecam"],
+            "axiom": ["conservation", "sensitivity"] * 2,
+            "layer_1": [1.4, 0.5, 5.9e-08, 0.9],
+            "n_frames": [2, 2, 2, 2],
+        }
+    )
+    text = plain_table(df, best="min", group="axiom")
+    assert text.count('class="best"') == 2  # one per axiom, not one per column
+    assert '<td class="best">5.90e-08</td>' in text and '<td class="best">0.500</td>' in text
+    assert "<td>XRelevanceCAM</td>" in text and "layer 1" in text

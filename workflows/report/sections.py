@@ -177,6 +177,15 @@ def miou_table(cells: pd.DataFrame, rows: Sequence[str], refs: Sequence[str], co
     return "".join(out)
 
 
+def number(value: float, digits: int = 3) -> str:
+    """Fixed point, or scientific where fixed point would hide the value (axiom errors span 1e-8..1e3)."""
+    if value is None or not np.isfinite(value):
+        return "–"
+    if value != 0 and not 10**-digits <= abs(value) < 1e4:
+        return f"{value:.2e}"
+    return f"{value:.{digits}f}"
+
+
 def plain_table(
     df: pd.DataFrame, *, best: str | None = None, group: str | None = None, digits: int = 3
 ) -> str:
@@ -192,16 +201,18 @@ def plain_table(
                 if group
                 else pd.Series(values.agg(best), index=df.index)
             )
-    head = "".join(f"<th>{esc(c)}</th>" for c in df.columns)
+    head = "".join(f"<th>{esc(str(c).replace('_', ' '))}</th>" for c in df.columns)
     body = []
     for i, r in df.iterrows():
         tds = []
         for c in df.columns:
             v = r[c]
             if c in numeric:
-                text = "–" if not np.isfinite(v) else f"{v:.{digits}f}"
+                text = number(v, digits)
                 is_best = c in marked and np.isfinite(v) and np.isclose(v, marked[c].loc[i])
                 tds.append(f'<td class="best">{text}</td>' if is_best else f'<td class="num">{text}</td>')
+            elif c == "method":
+                tds.append(f"<td>{esc(label(str(v)))}</td>")
             else:
                 tds.append(f"<td>{esc(v)}</td>")
         body.append(f"<tr>{''.join(tds)}</tr>")
