@@ -313,3 +313,43 @@ def _alive(pids: list[int]) -> list[int]:
         if state != "Z":
             alive.append(pid)
     return alive
+
+
+def test_videos_whose_ids_once_shared_a_key_and_a_video_listed_twice(archive, ray_local, tmp_path):
+    """`a/b__c` and `a__b/c` are two videos with two groups; `P07/../P07/b__c` is the first one again."""
+    data = tmp_path / "data"
+    source = next((archive / "meningioma").iterdir()) / "V01"
+    shutil.copytree(source, data / "meningioma" / "P07" / "b__c")
+    shutil.copytree(source, data / "meningioma" / "P07__b" / "c")
+    shutil.copytree(next((archive / "glioblastoma").iterdir()) / "V01", data / "glioblastoma" / "P08" / "V01")
+    manifest = data / "manifest.csv"
+    manifest.write_text(
+        "path,patient,label\n"
+        "meningioma/P07/b__c,P07,meningioma\n"
+        "meningioma/P07__b/c,P07__b,meningioma\n"
+        "meningioma/P07/../P07/b__c,P07,meningioma\n"
+        "glioblastoma/P08/V01,P08,glioblastoma\n"
+    )
+    out = tmp_path / "results"
+    args = ["run", str(manifest), "--out", str(out), "--model", "resnet18", "--random-init", "0"]
+    result = _cli([*args, "--workers", "1", *FEW, *SMALL])
+    assert result.exit_code == 1, result.output  # the repeated row is reported
+    store = ResultStore.open(out)
+    keys = {
+        video_key("meningioma/P07/b__c"),
+        video_key("meningioma/P07__b/c"),
+        video_key("glioblastoma/P08/V01"),
+    }
+    assert len(keys) == 3 and set(store.video_keys()) == keys
+    assert all(store.is_complete(key) for key in keys)
+    summary = json.loads((out / "run.json").read_text())
+    assert (summary["videos"], summary["videos_complete"], summary["frames"]) == (
+        3,
+        3,
+        12,
+    )  # 4 kept frames each
+    [repeated] = summary["failures"]
+    assert (
+        repeated["shard"] == -1
+        and "row 4 of manifest.csv lists the same video as row 2" in repeated["message"]
+    )

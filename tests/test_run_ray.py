@@ -154,6 +154,7 @@ def test_every_frame_once_maps_match_and_failures_are_recorded(setup, first_run)
     assert ds.sizes["frame"] == 4 and "layer2" in ds
     summary = json.loads((out / "run.json").read_text())
     assert summary["shards_processed"] == 9 and summary["frames_processed"] == 18
+    assert summary["videos"] == 5 and summary["videos_complete"] == 4  # the failed video is not complete
 
 
 def test_patient_ids_reach_no_log_store_attribute_or_table(setup, first_run):
