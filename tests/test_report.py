@@ -247,7 +247,6 @@ def test_overlay_video_has_every_frame_exact_fps_labels_and_colour_bar(reduced, 
 
 def test_cli_report_with_overlay_video_and_a_refused_rate(reduced):
     from workflows.cli import main
-    from workflows.commands import report as command
 
     key = open_results(reduced).video_keys[0]
     out = CliRunner().invoke(
@@ -258,13 +257,6 @@ def test_cli_report_with_overlay_video_and_a_refused_rate(reduced):
     assert (reduced / "report.html").is_file() and (reduced / f"overlay_{key}.mp4").is_file()
     out = CliRunner().invoke(main, ["report", str(reduced), "--overlay-video", key, "--fps", "0.1234567"])
     assert out.exit_code == 1 and "cannot be encoded exactly" in out.output
-    defaults = ReportOptions()
-    assert (command._FRAMES, command._VIDEOS, command._GALLERY, command._STRIP) == (
-        defaults.frames,
-        defaults.videos,
-        defaults.gallery,
-        defaults.strip,
-    )
 
 
 # ------------------------------------------------------------------------------------------ browser

@@ -6,10 +6,7 @@ from pathlib import Path
 
 import click
 
-# Defaults mirror workflows.report.page.ReportOptions and workflows.report.video.export_overlay_video;
-# tests/test_report.py checks they agree (this module must stay light: no torch/matplotlib at import).
-_FRAMES, _VIDEOS, _GALLERY, _STRIP = 3, 24, 4, 8
-_METHOD, _LAYER_SET, _FPS = "xrelevancecam", "4+3+2+1", "10"
+from workflows.report.options import OverlayOptions, ReportOptions  # light: no torch, no matplotlib
 
 
 @click.command()
@@ -23,21 +20,21 @@ _METHOD, _LAYER_SET, _FPS = "xrelevancecam", "4+3+2+1", "10"
 @click.option(
     "--frames",
     type=click.IntRange(min=0),
-    default=_FRAMES,
+    default=ReportOptions.frames,
     show_default=True,
     help="Sample frames per class shown as method x layer grids (3: the best, a typical and the worst by IoU).",
 )
 @click.option(
     "--videos",
     type=click.IntRange(min=0),
-    default=_VIDEOS,
+    default=ReportOptions.videos,
     show_default=True,
     help="Videos that get their own section (probability and IoU along the video, overlay strip).",
 )
 @click.option(
     "--gallery",
     type=click.IntRange(min=0),
-    default=_GALLERY,
+    default=ReportOptions.gallery,
     show_default=True,
     help="Frames in the gallery of where XRelevanceCAM and the gradient family disagree most.",
 )
@@ -49,11 +46,15 @@ _METHOD, _LAYER_SET, _FPS = "xrelevancecam", "4+3+2+1", "10"
     help="Also write RESULTS/overlay_<VIDEO_KEY>.mp4: the video's frames with saliency overlaid, the class, "
     "prediction, probability and a colour bar burnt in (VIDEO_KEY as in maps.zarr/videos/).",
 )
-@click.option("--method", default=_METHOD, show_default=True, help="Method of the overlay video.")
-@click.option("--layer-set", default=_LAYER_SET, show_default=True, help="Layer set of the overlay video.")
+@click.option(
+    "--method", default=OverlayOptions.method, show_default=True, help="Method of the overlay video."
+)
+@click.option(
+    "--layer-set", default=OverlayOptions.layer_set, show_default=True, help="Layer set of the overlay video."
+)
 @click.option(
     "--fps",
-    default=_FPS,
+    default=OverlayOptions.fps,
     show_default=True,
     metavar="RATE",
     help="Overlay video frame rate, written exactly: 7.5 or 30000/1001 (a rate that cannot be encoded exactly is refused).",
@@ -81,7 +82,7 @@ def command(
 
     Example: xrcam report results/ --overlay-video meningioma__P01__V01.mkt --fps 7.5
     """
-    from workflows.report import ReportOptions, build_report, export_overlay_video, parse_fps
+    from workflows.report import build_report, export_overlay_video, parse_fps
     from xrcam.errors import XrcamError
 
     try:

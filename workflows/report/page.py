@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from workflows.report import figures
+from workflows.report.options import ReportOptions
 from workflows.report.sections import (
     PRIMARY,
     cells_from_long,
@@ -47,21 +47,6 @@ from xrcam.errors import XrcamConfigError, XrcamError
 __all__ = ["ReportOptions", "build_report"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ReportOptions:
-    """What the page shows; the CLI's defaults are read from here."""
-
-    frames: int = 3  # sample frames per class (3: best, typical and worst by IoU)
-    videos: int = 24  # videos with their own section (timeline and overlay strip)
-    gallery: int = 4  # frames in the method-disagreement gallery
-    strip: int = 8  # frames in each video's overlay strip
-
-    def __post_init__(self):
-        for name in ("frames", "videos", "gallery", "strip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 _CSS = """

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from workflows.report.figures import GT_COLOUR, blend, colorize
+from workflows.report.options import OverlayOptions
 from workflows.report.sections import frame_numbers, probabilities
 from xrcam.errors import XrcamConfigError
 
@@ -77,9 +78,9 @@ def export_overlay_video(
     video_key: str,
     out: str | Path,
     *,
-    method: str = "xrelevancecam",
-    layer_set: str = "4+3+2+1",
-    fps: str | float | Fraction = "10",
+    method: str = OverlayOptions.method,
+    layer_set: str = OverlayOptions.layer_set,
+    fps: str | float | Fraction = OverlayOptions.fps,
     chunk: int = 32,
 ) -> Path:
     """Write an MP4 of one video's frames with ``method``'s ``layer_set`` map overlaid (see module doc)."""
