@@ -1,20 +1,26 @@
-"""Peak memory and time of ``xrcam reduce`` on a synthetic results folder of many frames.
+"""``xrcam reduce`` today vs. before the results-layer redesign, side by side in one run.
 
-The store is written directly with :mod:`workflows.store` (maps are a blob plus noise at each stage's
-resolution), so no explanations have to be computed on the CPU. The reduction then runs in a child
-process; the script samples the memory of that child and all its descendants (Ray's raylet, GCS and
-workers included) and prints the peak of their summed PSS (proportional set size: shared library
-pages such as torch's are counted once, not once per process), the peak RSS of the largest single
-process, the wall time and the disk size of what reduction wrote.
+Builds the same synthetic results folder (maps are a blob plus noise at each stage's resolution,
+7 methods x 4 stages, half the videos annotated on every frame) twice: once with this tree's store
+writer, once with the code of the round's starting point (commit 3e36d69, checked out with
+``git worktree add /tmp/xrcam-baseline 3e36d69`` and run as a subprocess with ``PYTHONPATH`` there).
+Each reduction runs in a child process whose memory (summed PSS of it and its descendants) is
+sampled. Prints frames/s, peak memory, bytes per frame and files per 1,000 frames of the whole
+results folder, for both, and the ratios.
 
-    .venv/bin/python benchmarks/bench_reduce.py --frames 10000 --workers 0   # in-process
-    .venv/bin/python benchmarks/bench_reduce.py --frames 10000 --workers 2   # local Ray
+    .venv/bin/python benchmarks/bench_reduce.py --frames 400 --videos 4 --size 230 --workers 0
+    .venv/bin/python benchmarks/bench_reduce.py --frames 400 --videos 4 --references ""   # methods only
+
+Targets (issue 15): >= 10x today's frames/s at 230 px; <= 100 KB per frame and <= 200 files per
+1,000 frames for the whole results folder. Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +32,9 @@ import numpy as np
 
 METHODS = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "relevancecam", "xrelevancecam")
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
+BASELINE_COMMIT = "3e36d69"
+BASELINE_DIR = Path("/tmp/xrcam-baseline")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def stage_shapes(size: int) -> dict[str, tuple[int, int]]:
@@ -33,8 +42,9 @@ def stage_shapes(size: int) -> dict[str, tuple[int, int]]:
     return {layer: (-(-size // s),) * 2 for layer, s in zip(LAYERS, (4, 8, 16, 32), strict=True)}
 
 
-def build_store(root: Path, frames: int, videos: int, size: int, chunk: int, seed: int = 0) -> None:
-    from workflows.store import ResultStore, VideoLayout, map_name
+def build_store(root: Path, frames: int, videos: int, size: int, chunk: int, shard_chunks: int = 4, seed=0):
+    """The synthetic results folder, written like ``xrcam run``'s workers write it (one call per shard)."""
+    from workflows.store import ResultStore, VideoLayout
 
     rng = np.random.default_rng(seed)
     shapes = stage_shapes(size)
@@ -51,6 +61,7 @@ def build_store(root: Path, frames: int, videos: int, size: int, chunk: int, see
     store = ResultStore.open(root, settings, overwrite=True)
     per_video = [frames // videos + (v < frames % videos) for v in range(videos)]
     grids = {layer: np.mgrid[0:h, 0:w] / h for layer, (h, w) in {**shapes, "crop": (size, size)}.items()}
+    shard = chunk * shard_chunks
     for v, n in enumerate(per_video):
         label = v % 2
         layout = VideoLayout(
@@ -64,123 +75,179 @@ def build_store(root: Path, frames: int, videos: int, size: int, chunk: int, see
             num_source_frames=2 * n,
             num_classes=2,
             map_shapes=shapes,
+            shard_frames=shard,
         )
         store.create_video(layout)
-        for start in range(0, n, chunk):  # write chunk by chunk: the builder stays small too
-            c = min(chunk, n - start)
+        for start in range(0, n, shard):
+            c = min(shard, n - start)
             centres = rng.uniform(0.3, 0.7, size=(c, 2, 1, 1))
 
             def blob(layer: str, sigma: float, centres=centres) -> np.ndarray:
                 yy, xx = grids[layer]
                 return np.exp(-((yy - centres[:, 0]) ** 2 + (xx - centres[:, 1]) ** 2) / (2 * sigma**2))
 
-            logits = rng.normal(size=(c, 2)).astype(np.float32)
-            probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-            arrays = {
-                "frame_index": np.arange(2 * start, 2 * (start + c), 2),
-                "logits": logits,
-                "probabilities": probabilities,
-                "predicted": logits.argmax(1),
-                "gt_mask": (blob("crop", 0.1) > 0.5).astype(np.uint8) * (label == 1),
-                "has_gt_mask": np.full(c, label == 1),
-            }
-            for m, method in enumerate(METHODS):
-                for layer in LAYERS:
+            maps = {}
+            for layer in LAYERS:
+                stack = np.empty((len(METHODS), c, *shapes[layer]), np.float16)
+                for m in range(len(METHODS)):
                     noise = rng.normal(scale=0.05 * (m + 1), size=(c, *shapes[layer]))
-                    arrays[map_name(method, layer)] = (blob(layer, 0.12) + noise).astype(np.float16)
-            store.write(layout.key, start, arrays)
-        store.mark_done(layout.key, 0, n)
+                    stack[m] = (blob(layer, 0.12) + noise).astype(np.float16)
+                maps[layer] = stack
+            store.write_shard(
+                layout.key,
+                start,
+                logits=rng.normal(size=(c, 2)).astype(np.float32),
+                gt_mask=(blob("crop", 0.1) > 0.5).astype(np.uint8) * (label == 1),
+                has_gt_mask=np.full(c, label == 1),
+                maps=maps,
+            )
+            store.mark_done(layout.key, start, start + c)
+    store.write_summary({"videos": videos})
 
 
-def _child(results: str, workers: int) -> None:
-    from workflows.reduce import reduce_results
+def _child(results: str, workers: int, references: str) -> None:
+    from workflows.reduce import ReduceSettings, reduce_results
 
-    summary = reduce_results(results, workers=workers)
+    refs = tuple(r for r in references.split(",") if r)
+    summary = reduce_results(results, ReduceSettings(references=refs), workers=workers)
     print(json.dumps({"rows": summary["rows"], "videos": summary["videos"]}))
 
 
-def _tree_memory(proc) -> tuple[int, int]:
-    """Summed PSS and the largest RSS of ``proc`` and all its descendants (bytes)."""
+def _tree_memory(proc) -> int:
     import psutil
 
-    total = largest = 0
+    total = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            info = p.memory_full_info()
+            total += p.memory_full_info().pss
         except psutil.Error:
             continue
-        total += info.pss
-        largest = max(largest, info.rss)
-    return total, largest
+    return total
 
 
-def _du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def _measure(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
+    """Wall seconds, peak summed PSS and stdout of ``cmd`` run as a child process."""
+    import psutil
+
+    t0 = time.perf_counter()
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    proc = psutil.Process(child.pid)
+    peak = 0
+    while child.poll() is None:
+        peak = max(peak, _tree_memory(proc))
+        time.sleep(0.2)
+    out = child.stdout.read()
+    if child.returncode:
+        sys.exit(f"{' '.join(cmd[:3])} failed with exit code {child.returncode}")
+    return time.perf_counter() - t0, peak, out
+
+
+def _files_and_bytes(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def _baseline(args) -> dict[str, float] | None:
+    """Today's figures from the pre-redesign code: its own bench_reduce.py, run from a worktree."""
+    if not (BASELINE_DIR / "workflows").is_dir():
+        made = subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(BASELINE_DIR), BASELINE_COMMIT],
+            capture_output=True,
+            text=True,
+        )
+        if made.returncode:
+            print(f"no baseline: git worktree add failed: {made.stderr.strip()}")
+            return None
+    work = Path(tempfile.mkdtemp(prefix="bench_reduce_old_"))
+    env = {**os.environ, "PYTHONPATH": str(BASELINE_DIR)}
+    cmd = [sys.executable, str(BASELINE_DIR / "benchmarks" / "bench_reduce.py")]
+    cmd += ["--frames", str(args.frames), "--videos", str(args.videos), "--size", str(args.size)]
+    cmd += ["--chunk", str(args.chunk), "--workers", str(args.workers), "--dir", str(work), "--keep"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=BASELINE_DIR)
+    if done.returncode:
+        print(f"baseline failed: {done.stderr.strip()[-500:]}")
+        return None
+    text = done.stdout
+    seconds = float(re.search(r"rows, (\d+(?:\.\d+)?) s", text).group(1))
+    peak = float(re.search(r"summed PSS\): ([\d.]+) GiB", text).group(1))
+    files, size = _files_and_bytes(work / "results")
+    shutil.rmtree(work, ignore_errors=True)
+    return {"seconds": seconds, "fps": args.frames / seconds, "peak_gib": peak, "files": files, "bytes": size}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=10_000)
-    parser.add_argument("--videos", type=int, default=40)
+    parser.add_argument("--frames", type=int, default=400)
+    parser.add_argument("--videos", type=int, default=4)
     parser.add_argument("--size", type=int, default=230, help="crop size (the paper's 230)")
     parser.add_argument("--chunk", type=int, default=32, help="frames per store chunk (xrcam run's default)")
     parser.add_argument(
         "--workers", type=int, default=0, help="0: reduce in process; N: local Ray with N CPUs"
     )
     parser.add_argument(
-        "--dir", type=Path, default=None, help="where to build the store (default: a temp dir)"
+        "--references",
+        default="random,centre,oracle",
+        help="reference rows (no archive behind the synthetic store, so no intensity); '' for none",
     )
-    parser.add_argument("--keep", action="store_true", help="keep the store afterwards")
-    parser.add_argument("--child", nargs=2, metavar=("RESULTS", "WORKERS"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-baseline", action="store_true", help="skip today's figures")
+    parser.add_argument("--child", nargs=3, metavar=("RESULTS", "WORKERS", "REFS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child[0], int(args.child[1]))
+        _child(args.child[0], int(args.child[1]), args.child[2])
         return
 
-    import psutil
-
-    base = args.dir or Path(tempfile.mkdtemp(prefix="bench_reduce_"))
+    base = Path(tempfile.mkdtemp(prefix="bench_reduce_"))
     results = base / "results"
-    t0 = time.perf_counter()
     build_store(results, args.frames, args.videos, args.size, args.chunk)
-    built = time.perf_counter() - t0
-    maps_bytes = _du(results / "maps.zarr")
-    print(
-        f"built store: {args.frames} frames, {args.videos} videos, crop {args.size}, "
-        f"{len(METHODS)} methods x {len(LAYERS)} layers, {maps_bytes / 2**20:.0f} MiB, {built:.0f} s"
+    seconds, peak, out = _measure(
+        [sys.executable, __file__, "--child", str(results), str(args.workers), args.references]
     )
-
-    t0 = time.perf_counter()
-    child = subprocess.Popen(
-        [sys.executable, __file__, "--child", str(results), str(args.workers)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    proc = psutil.Process(child.pid)
-    peak_total = peak_single = 0
-    while child.poll() is None:
-        total, largest = _tree_memory(proc)
-        peak_total, peak_single = max(peak_total, total), max(peak_single, largest)
-        time.sleep(0.25)
-    out = child.stdout.read()
-    elapsed = time.perf_counter() - t0
-    if child.returncode:
-        sys.exit(f"reduction failed with exit code {child.returncode}")
     info = json.loads(out.strip().splitlines()[-1])
-    written = _du(results / "maps.zarr") - maps_bytes
+    files, size = _files_and_bytes(results)
+    new = {
+        "seconds": seconds,
+        "fps": args.frames / seconds,
+        "peak_gib": peak / 2**30,
+        "files": files,
+        "bytes": size,
+    }
+    old = None if args.no_baseline else _baseline(args)
+    shutil.rmtree(base, ignore_errors=True)
+
     mode = "in process" if args.workers == 0 else f"local Ray, {args.workers} workers"
     print(
-        f"reduce ({mode}): {info['videos']} videos, {info['rows']} rows, {elapsed:.0f} s "
-        f"({args.frames / elapsed:.0f} frames/s)"
+        f"{args.frames} frames, {args.videos} videos, crop {args.size}, {len(METHODS)} methods x "
+        f"{len(LAYERS)} stages x 7 layer sets, reduce {mode}, references: {args.references or 'none'}; "
+        f"{info['rows']} metric rows"
     )
-    print(f"peak memory, reduction process tree (summed PSS): {peak_total / 2**30:.2f} GiB")
-    print(f"peak RSS, largest single process:                {peak_single / 2**30:.2f} GiB")
+    print(f"{'':28s}{'today (3e36d69)':>18s}{'new':>12s}{'ratio':>10s}")
+
+    def line(label, key, fmt, scale=1.0, better="higher"):
+        n = new[key] * scale
+        if old is None:
+            print(f"{label:28s}{'-':>18s}{fmt.format(n):>12s}")
+            return
+        o = old[key] * scale
+        ratio = (n / o if better == "higher" else o / n) if o and n else float("nan")
+        print(f"{label:28s}{fmt.format(o):>18s}{fmt.format(n):>12s}{ratio:>9.1f}x")
+
+    line("reduce frames/s", "fps", "{:.1f}")
+    line("reduce wall time (s)", "seconds", "{:.1f}", better="lower")
+    line("peak memory (GiB, PSS)", "peak_gib", "{:.2f}", better="lower")
+    per_frame = {k: v for k, v in new.items()}
+    new["kb_per_frame"], new["files_per_1000"] = size / args.frames / 1000, files / args.frames * 1000
+    if old is not None:
+        old["kb_per_frame"], old["files_per_1000"] = (
+            old["bytes"] / args.frames / 1000,
+            old["files"] / args.frames * 1000,
+        )
+    del per_frame
+    line("results folder KB/frame", "kb_per_frame", "{:.1f}", better="lower")
+    line("files per 1,000 frames", "files_per_1000", "{:.0f}", better="lower")
+    frames_per_video = args.frames / args.videos
     print(
-        f"written: {written / 2**20:.0f} MiB of maps and masks, "
-        f"{_du(results / 'metrics') / 2**20:.1f} MiB of Parquet metrics"
+        f"({frames_per_video:.0f} frames per video; per-video files are a fixed overhead, see docs/results.md)"
     )
-    if not args.keep and args.dir is None:
-        shutil.rmtree(base)
 
 
 if __name__ == "__main__":

@@ -227,6 +227,7 @@ def reduce_video(
                 ref = score_stacks(
                     ref_stacks,
                     methods,
+                    score_methods=False,
                     size=size,
                     layer_sets=sets,
                     gt=gt[sub],
@@ -238,17 +239,9 @@ def reduce_video(
                         _frame_seed(settings.seed, layout.video_id, int(f)) for f in base["frame"][picked]
                     ],
                 )
-                n = len(methods)
+                # score_methods=False: only the inverted and reference rows come back
                 _collect(
-                    parts,
-                    base,
-                    picked,
-                    ref.methods[n:],
-                    sets,
-                    ref.iou[:, n:].numpy(),
-                    ref.mask_area[:, n:].numpy(),
-                    size,
-                    True,
+                    parts, base, picked, ref.methods, sets, ref.iou.numpy(), ref.mask_area.numpy(), size, True
                 )
     by_name: dict[str, list[pa.Table]] = {}
     for (name, _k), chunks in sorted(parts.items(), key=lambda item: item[0][1]):  # layer set, then frame

@@ -173,7 +173,7 @@ AGREEMENT_SCHEMA = pa.schema(
         ("layer_set", pa.string()),
         ("against", pa.string()),
         ("mask_iou", pa.float32()),  # IoU of the two saliency masks, in [0, 1]
-        ("rank_corr", pa.float32()),  # Spearman correlation of the two maps (64x64 pooled grid)
+        ("rank_corr", pa.float32()),  # Spearman correlation of the two maps (maps pooled to 32x32)
     ]
 )
 

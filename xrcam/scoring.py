@@ -237,17 +237,28 @@ def aggregate_stack(
     :func:`aggregate` gives); a multi-layer set is the mean over its layers, min-max again.
     """
     index = {layer: i for i, layer in enumerate(layers)}
-    out = []
-    for layer_set in layer_sets:
+    out = normalised.new_empty((len(layer_sets), *normalised.shape[1:]))
+    sums: dict[tuple[int, ...], torch.Tensor] = {}  # running sums: 4, 4+3, 4+3+2 ... share their prefix
+    for k, layer_set in enumerate(layer_sets):
         wanted = parse_layer_set(layer_set)
         missing = [layer for layer in wanted if layer not in index]
         if missing:
             raise XrcamConfigError(
                 f"layer set {format_layer_set(wanted)!r} needs maps of {missing}; have {list(layers)}"
             )
-        picks = [index[layer] for layer in wanted]
-        out.append(_minmax_last2(normalised[picks].mean(dim=0)))
-    return torch.stack(out)
+        picks = tuple(index[layer] for layer in wanted)
+        if len(picks) == 1:
+            out[k] = _minmax_last2(normalised[picks[0]])
+            continue
+        # sequential float32 sums then one division: bit for bit torch.mean over a stacked dim 0
+        start = max((n for n in range(2, len(picks)) if picks[:n] in sums), default=1)
+        total = sums[picks[:start]].clone() if start > 1 else normalised[picks[0]].clone()
+        for n in range(start, len(picks)):
+            total += normalised[picks[n]]
+            sums[picks[: n + 1]] = total.clone() if n + 1 < len(picks) else total
+        sums[picks] = total
+        out[k] = _minmax_last2(total / len(picks))
+    return out
 
 
 def otsu_threshold(maps: torch.Tensor) -> torch.Tensor:
@@ -313,38 +324,83 @@ def iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
     ``gt`` broadcasts against ``pred`` (e.g. ``(B, S, S)`` against ``(K, M, B, S, S)``). NaN where
     both masks are empty (IoU undefined); 0 where only the prediction or only the ground truth is empty.
+    Counts are float32 dot products of 0/1 vectors (exact below 2**24 pixels, and a BLAS call
+    instead of a boolean reduction).
     """
-    if pred.shape[-2:] != gt.shape[-2:] or (pred.dim() == gt.dim() and pred.shape != gt.shape):
+    try:
+        if pred.shape[-3:] != gt.shape[-3:]:
+            raise RuntimeError
+        torch.broadcast_shapes(pred.shape, gt.shape)
+    except RuntimeError:
         raise XrcamConfigError(
             f"mask shapes differ: prediction {tuple(pred.shape)} vs ground truth {tuple(gt.shape)}"
-        )
-    p, g = pred.bool().flatten(-2), gt.bool().flatten(-2)
-    inter = (p & g).sum(dim=-1).float()
-    union = (p | g).sum(dim=-1).float()
+        ) from None
+    p = pred.flatten(-2).float()
+    g = gt.flatten(-2).float()
+    inter = _overlap(p, g)
+    union = p.sum(dim=-1) + g.sum(dim=-1) - inter
     return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
 
 
-def rank_correlation(a: torch.Tensor, b: torch.Tensor, *, grid: int | None = 64) -> torch.Tensor:
+def _mask_iou(a: torch.Tensor, b: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor) -> torch.Tensor:
+    """IoU of bool masks ``a`` and ``b`` (broadcasting) whose areas are known: one AND and one count."""
+    inter = torch.count_nonzero((a & b).flatten(-2), dim=-1).float()
+    union = area_a + area_b - inter
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
+
+
+def _iou_with_gt(flat: torch.Tensor, areas: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """IoU of masks ``(K, M, B, N)`` bool (areas ``(K, M, B)``) with ``gt`` ``(B, N)`` bool: the
+    intersection counts only the ground truth's pixels (a small fraction of the crop)."""
+    inter = torch.zeros_like(areas)
+    for b in range(gt.shape[0]):
+        idx = gt[b].nonzero().squeeze(1)
+        if len(idx):
+            inter[:, :, b] = torch.count_nonzero(flat[:, :, b].index_select(-1, idx), dim=-1).float()
+    union = areas + gt.sum(dim=-1).float() - inter
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
+
+
+def _overlap(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``sum(p * g, -1)`` for 0/1 float vectors ``p (..., B, N)`` and ``g`` broadcastable, via matmul."""
+    if g.dim() <= p.dim() and g.shape[-2:] == p.shape[-2:]:
+        lead = torch.broadcast_shapes(p.shape[:-2], g.shape[:-2])
+        b, n = p.shape[-2:]
+        pp = p.expand(*lead, b, n).reshape(-1, b, 1, n)
+        gg = g.expand(*lead, b, n).reshape(-1, b, n, 1)
+        return (pp @ gg).reshape(*lead, b)
+    return (p * g).sum(dim=-1)
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor, *, grid: int | None = 32) -> torch.Tensor:
     """Spearman rank correlation per sample of maps ``(..., S, S)`` (``b`` broadcasts) -> ``(...)``.
 
     With ``grid`` both maps are first average-pooled to at most ``grid x grid`` cells (ranking 53k
-    pixels per map would dominate the reduction; the pooled grid is still finer than every stage but
-    layer1). Ties get their order's rank (no averaging); a constant map gives NaN.
+    pixels per map would dominate the reduction; 32 x 32 is finer than every stage grid but layer1's
+    58 x 58 at 230-px crops). Ties get their order's rank (no averaging); a constant map gives NaN.
     """
     if grid is not None and max(a.shape[-2:]) > grid:
         a = _pool(a, grid)
         b = _pool(b, grid)
-    a, b = torch.broadcast_tensors(a.float(), b.float())
-    ra = a.flatten(-2).argsort(dim=-1).argsort(dim=-1).float()
-    rb = b.flatten(-2).argsort(dim=-1).argsort(dim=-1).float()
+    ra, rb = _ranks(a.float()), _ranks(b.float())  # b is ranked once even where it broadcasts
     ra = ra - ra.mean(dim=-1, keepdim=True)
     rb = rb - rb.mean(dim=-1, keepdim=True)
     num = (ra * rb).sum(dim=-1)
     den = (ra.square().sum(dim=-1) * rb.square().sum(dim=-1)).sqrt()
-    const = (a.flatten(-2).amax(-1) == a.flatten(-2).amin(-1)) | (
-        b.flatten(-2).amax(-1) == b.flatten(-2).amin(-1)
-    )
+    flat_a, flat_b = a.flatten(-2), b.flatten(-2)
+    const = (flat_a.amax(-1) == flat_a.amin(-1)) | (flat_b.amax(-1) == flat_b.amin(-1))
     return torch.where(const | (den == 0), torch.full_like(num, float("nan")), num / den.clamp_min(1e-12))
+
+
+def _ranks(maps: torch.Tensor) -> torch.Tensor:
+    """Ranks 0..n-1 of the flattened last two dims (one argsort and a scatter)."""
+    flat = maps.flatten(-2)
+    order = flat.argsort(dim=-1)
+    ranks = torch.empty_like(flat)
+    ranks.scatter_(
+        -1, order, torch.arange(flat.shape[-1], dtype=flat.dtype, device=flat.device).expand_as(flat)
+    )
+    return ranks
 
 
 def _pool(maps: torch.Tensor, grid: int) -> torch.Tensor:
@@ -399,6 +455,7 @@ def score_stacks(
     frame_seeds: Sequence[int] | None = None,
     agreement_with: str | None = None,
     keep_maps: bool = False,
+    score_methods: bool = True,
 ) -> Scores:
     """Score one batch of frames for every method and layer set at once.
 
@@ -411,12 +468,14 @@ def score_stacks(
     [0, 1]; ``random`` is the mean over ``random_draws`` draws, drawn from ``generator`` or, with
     ``frame_seeds``, from one generator per frame (the same noise whatever the batching). ``agreement_with``: also the mask IoU
     and rank correlation of every method's map against that method's, per frame and layer set.
+    ``score_methods=False`` scores only the ``inverted`` and reference rows (``methods`` then only
+    names the stacks' rows).
     """
     methods = list(methods)
     layers = list(stacks)
     rule, fraction = parse_threshold(threshold)
-    flags = [default_relu(m) if relu is None else relu for m in methods]
-    names = list(methods)
+    flags = [default_relu(m) if relu is None else relu for m in methods] if score_methods else []
+    names = list(methods) if score_methods else []
     extra = []
     for method in inverted:
         if method not in methods:
@@ -425,26 +484,38 @@ def score_stacks(
         flags.append(False)
         names.append(f"{INVERTED_PREFIX}{method}")
     size = (size, size) if isinstance(size, int) else tuple(size)
-    normalised = []
-    for layer in layers:
-        s = stacks[layer]
-        if extra:
-            s = torch.cat([s, -s[extra]])
-        normalised.append(normalize_stack(s, size, relu=flags))
-    agg = aggregate_stack(torch.stack(normalised), layers, layer_sets)  # (K, M, B, S, S)
-    del normalised
-    masks = make_masks(agg, rule, fraction=fraction)
-    batch = agg.shape[2]
-    if gt is not None:
-        ious = iou(masks, gt.to(masks.device))
+    batch = stacks[layers[0]].shape[1]
+    agg = masks = None
+    if names:
+        normalised = None
+        for i, layer in enumerate(layers):
+            s = stacks[layer]
+            if extra:
+                s = torch.cat([s, -s[extra]]) if score_methods else -s[extra]
+            n = normalize_stack(s, size, relu=flags)
+            if normalised is None:
+                normalised = n.new_empty((len(layers), *n.shape))
+            normalised[i] = n
+            del n
+        agg = aggregate_stack(normalised, layers, layer_sets)  # (K, M, B, S, S)
+        del normalised
+        masks = make_masks(agg, rule, fraction=fraction)
+        flat = masks.flatten(-2)
+        areas = torch.count_nonzero(flat, dim=-1).float()
+        if gt is not None:
+            ious = _iou_with_gt(flat, areas, gt.to(masks.device).flatten(-2))
+        else:
+            ious = torch.full(masks.shape[:3], float("nan"), device=masks.device)
+        del flat
     else:
-        ious = torch.full(masks.shape[:3], float("nan"), device=masks.device)
-    scores = Scores(names, list(layer_sets), ious, masks.flatten(-2).sum(dim=-1).float())
-    if agreement_with is not None:
+        ious = torch.empty((len(layer_sets), 0, batch))
+        areas = torch.empty((len(layer_sets), 0, batch))
+    scores = Scores(names, list(layer_sets), ious, areas)
+    if agreement_with is not None and score_methods:
         j = names.index(agreement_with)
         scores.agreement = {
-            "mask_iou": iou(
-                masks[:, : len(methods)], masks[:, j : j + 1].expand(-1, len(methods), -1, -1, -1)
+            "mask_iou": _mask_iou(
+                masks[:, : len(methods)], masks[:, j : j + 1], areas[:, : len(methods)], areas[:, j : j + 1]
             ),
             "rank_corr": rank_correlation(agg[:, : len(methods)], agg[:, j : j + 1]),
         }
@@ -465,7 +536,7 @@ def score_stacks(
             batch,
             random_draws,
             generator,
-            agg.device,
+            stacks[layers[0]].device,
             frame_seeds,
         )
         scores.methods += ref.methods
