@@ -301,6 +301,10 @@ def test_a_killed_driver_leaves_no_ray_processes_and_the_rerun_finishes(archive,
     again = _cli(args)
     assert again.exit_code == 0, again.output
     assert json.loads((out / "run.json").read_text())["videos_complete"] == 2
+    store, model = ResultStore.open(out), xrcam.load_model("resnet18", num_classes=2, seed=0)
+    for key in store.video_keys():  # the resumed store holds what one uninterrupted run computes
+        expected = _direct_logits(model, store.video(key).attrs["path"])
+        np.testing.assert_allclose(_stored_logits(store, key), expected, atol=1e-4)
 
 
 def _alive(pids: list[int]) -> list[int]:
