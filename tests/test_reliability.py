@@ -14,7 +14,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -210,33 +209,16 @@ def test_an_empty_archive_is_not_success(files, no_ray, tmp_path):
 
 
 def test_a_second_run_into_a_held_results_folder_is_refused_naming_the_holder(files, no_ray, tmp_path):
+    from test_reliability_lock import held_lock
+
     out = tmp_path / "results"
-    code = textwrap.dedent(
-        f"""
-        import sys
-        from workflows.lock import results_lock
-        with results_lock({str(out)!r}, "run"):
-            print("held", flush=True)
-            sys.stdin.readline()
-        """
-    )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).parents[1],
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_lock(out, "run") as pid:
         before = sorted(p.name for p in out.iterdir())
         result = _run(files, out, "--random-init", "0", "--model", "resnet18")
         _one_line_refusal(
-            result, f"is in use by xrcam run (pid {holder.pid} on {socket.gethostname()}", "wait for it"
+            result, f"is in use by xrcam run (pid {pid} on {socket.gethostname()}", "wait for it"
         )
         assert sorted(p.name for p in out.iterdir()) == before == [LOCK_NAME]  # nothing else written
-    finally:
-        holder.communicate("\n", timeout=60)
 
 
 def test_a_stale_lock_of_a_killed_run_does_not_block(files, tmp_path, monkeypatch):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -29,29 +31,40 @@ def test_lock_records_the_holder_and_is_released(tmp_path):
     assert [p.name for p in out.iterdir()] == []  # nothing left behind
 
 
-def test_a_live_holder_in_another_process_is_named(tmp_path):
-    out = tmp_path / "results"
+@contextlib.contextmanager
+def held_lock(out, command: str):
+    """Another process holding the lock of ``out`` for ``command``; yields its pid."""
     code = textwrap.dedent(
         f"""
-        import sys, time
+        import sys
         from workflows.lock import results_lock
-        with results_lock({str(out)!r}, "reduce"):
+        with results_lock({str(out)!r}, {command!r}):
             print("held", flush=True)
             sys.stdin.readline()
         """
     )
     holder = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
     )
     try:
         assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.communicate("\n", timeout=60)
+
+
+def test_a_live_holder_in_another_process_is_named(tmp_path):
+    out = tmp_path / "results"
+    with held_lock(out, "reduce") as pid:
         with pytest.raises(XrcamLockError) as err:
             with results_lock(out, "run"):
                 pass
-        assert f"pid {holder.pid}" in str(err.value) and "xrcam reduce" in str(err.value)
-        assert isinstance(err.value, XrcamError) and err.value.holder["pid"] == holder.pid
-    finally:
-        holder.communicate("\n", timeout=30)
+        assert f"pid {pid}" in str(err.value) and "xrcam reduce" in str(err.value)
+        assert isinstance(err.value, XrcamError) and err.value.holder["pid"] == pid
     with results_lock(out, "run"):  # released by the holder: free again
         pass
 

@@ -216,10 +216,9 @@ def _xrcam(args, env_extra=None, **kwargs):
     )
 
 
-def test_a_worker_killed_while_starting_is_replaced_and_a_failing_constructor_aborts(archive, tmp_path):
-    marker = tmp_path / "killed-once"
-    out = tmp_path / "results"
-    args = [
+def _seeded(archive: Path, out: Path, *extra: str) -> list[str]:
+    """`xrcam run` arguments: resnet18 with seeded random weights, one worker, small shards."""
+    return [
         "run",
         str(archive),
         "--out",
@@ -230,8 +229,15 @@ def test_a_worker_killed_while_starting_is_replaced_and_a_failing_constructor_ab
         "0",
         "--workers",
         "1",
+        *extra,
+        *SMALL,
     ]
-    args += [*FEW, *SMALL]
+
+
+def test_a_worker_killed_while_starting_is_replaced_and_a_failing_constructor_aborts(archive, tmp_path):
+    marker = tmp_path / "killed-once"
+    out = tmp_path / "results"
+    args = _seeded(archive, out, *FEW)
     proc = _xrcam(args, {"XRCAM_TEST_WORKER_START": f"kill-once:{marker}"})
     stdout, stderr = proc.communicate(timeout=420)
     assert proc.returncode == 0, stdout + stderr
@@ -241,7 +247,7 @@ def test_a_worker_killed_while_starting_is_replaced_and_a_failing_constructor_ab
     assert "Token authentication" not in stderr  # Ray's notice is not shown on a local run
     assert "Traceback" not in stderr
 
-    proc = _xrcam([*args[:3], str(tmp_path / "other"), *args[4:]], {"XRCAM_TEST_WORKER_START": "raise"})
+    proc = _xrcam(_seeded(archive, tmp_path / "other", *FEW), {"XRCAM_TEST_WORKER_START": "raise"})
     stdout, stderr = proc.communicate(timeout=420)
     assert proc.returncode == 1, stdout + stderr
     assert "Traceback" not in stderr
@@ -266,19 +272,7 @@ def _marked(driver_pid: int) -> list[int]:
 
 def test_a_killed_driver_leaves_no_ray_processes_and_the_rerun_finishes(archive, tmp_path, ray_local):
     out = tmp_path / "results"
-    args = [
-        "run",
-        str(archive),
-        "--out",
-        str(out),
-        "--model",
-        "resnet18",
-        "--random-init",
-        "0",
-        "--workers",
-        "1",
-    ]
-    args += SMALL  # all methods: slow enough to be killed mid-run
+    args = _seeded(archive, out)  # all methods: slow enough to be killed mid-run
     proc = _xrcam(args)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:  # wait until its workers run

@@ -12,6 +12,16 @@ from workflows.settings import RunSettings
 _DEFAULTS = RunSettings.__dataclass_fields__  # defaults shown in --help come from the dataclass
 
 
+def _setting(name: str, help: str, **kwargs):
+    """An option whose default (shown in --help) is the RunSettings field's; counts must be >= 1."""
+    default = _DEFAULTS[name.lstrip("-").replace("-", "_")].default
+    if isinstance(default, tuple):
+        default = ",".join(default)
+    elif isinstance(default, int):
+        kwargs.setdefault("type", click.IntRange(min=1))
+    return click.option(name, default=default, show_default=True, help=help, **kwargs)
+
+
 @click.command()
 @click.argument("archive", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Results folder (created).")
@@ -41,31 +51,10 @@ _DEFAULTS = RunSettings.__dataclass_fields__  # defaults shown in --help come fr
     help="Record videos whose label is not one of the classes as failures instead of refusing the run.",
 )
 @click.option("--methods", help="Comma-separated methods (default: all seven).")
-@click.option(
-    "--rules",
-    default=_DEFAULTS["rules"].default,
-    show_default=True,
-    help="LRP rule preset of the relevance methods (reference, epsilon, alphabeta).",
-)
-@click.option(
-    "--clrp",
-    default=_DEFAULTS["clrp"].default,
-    show_default=True,
-    help="CLRP start relevance: unit (published code) or logit (the paper's derivation).",
-)
-@click.option(
-    "--layers",
-    default=",".join(_DEFAULTS["layers"].default),
-    show_default=True,
-    help="Comma-separated stages of the model.",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS["batch_size"].default,
-    show_default=True,
-    help="Frames per forward pass.",
-)
+@_setting("--rules", "LRP rule preset of the relevance methods (reference, epsilon, alphabeta).")
+@_setting("--clrp", "CLRP start relevance: unit (published code) or logit (the paper's derivation).")
+@_setting("--layers", "Comma-separated stages of the model.")
+@_setting("--batch-size", "Frames per forward pass.")
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -75,28 +64,10 @@ _DEFAULTS = RunSettings.__dataclass_fields__  # defaults shown in --help come fr
     "--address",
     help="Ray cluster to join (e.g. 10.0.0.5:6379); without it a local Ray on 127.0.0.1 is started.",
 )
-@click.option(
-    "--frame-step",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS["frame_step"].default,
-    show_default=True,
-    help="Keep every n-th frame from the first.",
-)
+@_setting("--frame-step", "Keep every n-th frame from the first.")
 @click.option("--crop", help="Fixed crop x,y,size in source pixels instead of per-video FOV detection.")
-@click.option(
-    "--chunk-frames",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS["chunk_frames"].default,
-    show_default=True,
-    help="Frames per Zarr chunk.",
-)
-@click.option(
-    "--shard-chunks",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS["shard_chunks"].default,
-    show_default=True,
-    help="Chunks per shard, the unit of work of a worker.",
-)
+@_setting("--chunk-frames", "Frames per Zarr chunk.")
+@_setting("--shard-chunks", "Chunks per shard, the unit of work of a worker.")
 @click.option(
     "--split", type=click.Choice(["train", "val", "test"]), help="Only the videos of this patient split."
 )
