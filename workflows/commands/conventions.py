@@ -46,9 +46,13 @@ __all__ = [
 COMMANDS = ("synth", "train", "run", "reduce", "report", "evaluate", "submit", "status", "demo")
 PREFIX = "XRCAM"
 # options whose meaning or type differs between commands (``run --workers`` = explaining actors,
-# ``train --workers`` = data-parallel training; ``synth --classes`` = a count, ``run --classes`` = names):
-# only the command's own variable, no shared XRCAM_<OPTION>
-PER_COMMAND_ONLY = frozenset({"out", "workers", "batch_size", "classes", "crop", "frames", "chunk_frames"})
+# ``train --workers`` = data-parallel training; ``synth --classes`` = a count, ``run --classes`` = names;
+# ``synth --seed`` draws the archive, ``train --seed`` the split): only the command's own variable, no
+# shared XRCAM_<OPTION>. (A config file's top-level keys still apply to every command that has the
+# option: a file is written for a purpose, a variable lingers in a shell for a whole session.)
+PER_COMMAND_ONLY = frozenset(
+    {"out", "workers", "batch_size", "classes", "crop", "frames", "chunk_frames", "seed"}
+)
 # variables of other tools that the convention replaces: XRCAM_ADDRESS is the one cluster address
 _REPLACED = frozenset({"RAY_ADDRESS"})
 EXIT_CODES = {
