@@ -51,20 +51,34 @@ def test_evaluate_writes_consistent_tables(archive, tmp_path):
     sets = ["1", "2", "3", "4", "4+3", "4+3+2", "4+3+2+1"]
     # 4 annotated frames (frame_step 2 keeps 0, 2, 4 of each meningioma video) x methods x sets x dropout on/off
     assert iou.groupby(["video_id", "frame"]).ngroups == 4
-    assert len(iou) == 4 * len(METHODS) * len(sets) * 2
+    methods = iou[~iou["is_reference"]]
+    assert len(methods) == 4 * len(METHODS) * len(sets) * 2
     assert set(iou["layer_set"]) == set(sets) and set(iou["dropout"]) == {"on", "off"}
+    # reference rows and the sign check beside the methods, on the same frames, dropout off only
+    refs = iou[iou["is_reference"]]
+    assert set(refs["method"]) == {"random", "centre", "oracle", "intensity", "inverted_xrelevancecam"}
+    assert set(refs["dropout"]) == {"off"} and len(refs) == 4 * 5 * len(sets)
     assert (iou["frame"] % 2 == 0).all() and (iou["label"] == "meningioma").all()
     assert iou["iou"].between(0, 1).all()
 
     miou = pd.read_parquet(out / "miou.parquet")
-    assert (miou["frames"] + miou["misclassified"] + miou["empty_gt"] == 4).all()
-    table1 = pd.read_parquet(out / "table1_layer_miou.parquet").set_index("method")
-    for method in METHODS:
+    assert (miou["n_frames"] + miou["n_misclassified"] + miou["n_empty_gt"] == 4).all()
+    table1 = pd.read_parquet(out / "table1_layer_miou.parquet")
+    assert list(dict.fromkeys(table1["layer_set"])) == ["1", "2", "3", "4"]
+    assert list(dict.fromkeys(table1[~table1["is_reference"]]["method"])) == METHODS
+    for method in [*METHODS, "oracle"]:
         rows = iou[(iou["method"] == method) & (iou["layer_set"] == "2") & (iou["dropout"] == "off")]
         kept = rows[rows["correct"] & ~rows["gt_empty"]]
         expected = kept["iou"].mean() * 100 if len(kept) else float("nan")
-        assert table1.loc[method, "layer 2"] == pytest.approx(expected, nan_ok=True)
-    assert list(table1.columns) == ["model", "layer 1", "layer 2", "layer 3", "layer 4", "average", "frames"]
+        cell = table1[(table1["method"] == method) & (table1["layer_set"] == "2")].iloc[0]
+        assert cell["miou_pct"] == pytest.approx(expected, nan_ok=True)
+        assert cell["n_frames"] == len(kept) and cell["n_patients"] == kept["patient"].nunique()
+        if len(kept):
+            assert cell["ci_lo_pct"] <= cell["miou_pct"] <= cell["ci_hi_pct"]
+    table2 = pd.read_parquet(out / "table2_layerset_miou.parquet")
+    assert list(dict.fromkeys(table2["layer_set"])) == ["4", "4+3", "4+3+2", "4+3+2+1"]  # one Table 2 definition
+    table3 = pd.read_parquet(out / "table3_dropout_miou.parquet")
+    assert set(table3["dropout"]) == {"on", "off"} and "ci_lo_pct" in table3
 
     axioms = pd.read_parquet(out / "axioms.parquet")
     assert len(axioms) == 2 * len(METHODS) * 4

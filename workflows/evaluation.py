@@ -2,9 +2,11 @@
 
 Single process, no Ray: evaluation runs on a sample of an archive (``max_frames`` annotated frames for
 mIoU, ``sample_frames`` frames for the axiom metrics and the sanity check), so it is a quick, local
-companion to ``xrcam run`` + ``xrcam reduce``. Everything it computes comes from
-:mod:`xrcam.postprocess` and :mod:`xrcam.metrics`; this module only picks frames, batches them and
-shapes the tables like the paper's (Tables 1–4 and the cascading randomisation).
+companion to ``xrcam run`` + ``xrcam reduce``. Frames come from :func:`xrcam.frames.read_batches`,
+scores from :func:`xrcam.scoring.score_batch` (with the same reference rows and sign check as
+``xrcam reduce``) and the tables from :mod:`workflows.tables` (the same Table 1/2 definitions, with
+95 % bootstrap CIs over patients); this module only picks frames, batches them and adds what needs
+the model (Table 3's dropout passes, Table 4's axioms, the cascading randomisation).
 
 Example::
 
@@ -18,13 +20,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from workflows.tables import axiom_table
+from workflows import tables as tables_lib
 from workflows.settings import RunSettings
 from xrcam.errors import XrcamConfigError
 
@@ -51,19 +53,24 @@ class EvalOptions:
 
     layer_sets: tuple[str, ...] = ("4", "4+3", "4+3+2", "4+3+2+1")
     threshold: str = "mean+std"  # "mean+std", "fraction:<f>" or "otsu"
-    relu: bool | None = None  # None: each method family's default (xrcam.postprocess.default_relu)
+    relu: bool | None = None  # None: each method family's default (xrcam.scoring.default_relu)
     axioms: bool = False
     sanity: bool = False
     mc_samples: int = 0  # > 1: also mIoU with dropout active, maps averaged over this many passes
     max_frames: int | None = None  # annotated frames scored for mIoU (evenly spaced); None: all
     sample_frames: int = 8  # frames for the axiom metrics and the sanity check
     chunk_size: int = 64  # channel ablations per forward pass of the axiom metrics
-    seed: int = 0  # seeds the sanity check's re-initialisation
+    seed: int = 0  # seeds the sanity check's re-initialisation and the random reference
+    references: tuple[str, ...] = ("random", "centre", "oracle", "intensity")  # reference rows, as reduce
 
     def __post_init__(self) -> None:
-        from xrcam.postprocess import format_layer_set
+        from xrcam.references import REFERENCES
+        from xrcam.scoring import format_layer_set
 
         object.__setattr__(self, "layer_sets", tuple(format_layer_set(s) for s in self.layer_sets))
+        unknown = [r for r in self.references if r not in REFERENCES]
+        if unknown:
+            raise XrcamConfigError(f"unknown reference rows {unknown}; choose from {list(REFERENCES)}")
         _parse_threshold(self.threshold)
         for name in ("sample_frames", "chunk_size"):
             if getattr(self, name) < 1:
@@ -76,7 +83,7 @@ class EvalOptions:
 
 def _parse_threshold(text: str) -> tuple[str, float]:
     """Same spelling as ``xrcam reduce --threshold``: ``mean+std``, ``fraction:0.5``, ``otsu``."""
-    from workflows.reduce import parse_threshold
+    from xrcam.scoring import parse_threshold
 
     return parse_threshold(text)
 
@@ -140,37 +147,19 @@ def _plan(entries: list, run: RunSettings, options: EvalOptions) -> list[_Frames
     return [p for p in plans if p.scored or p.sampled]
 
 
-def _read(plan: _Frames, run: RunSettings, batch_size: int) -> Iterator[tuple[list[int], Any, np.ndarray]]:
-    """Yield ``(indices, images, gt_masks)`` batches of the planned frames (empty masks where none)."""
-    from xrcam.archive import load_masks
-    from xrcam.io.readers import open_video
-    from xrcam.preprocess import Preprocessor
+def _read(plan: _Frames, run: RunSettings, batch_size: int):
+    """Batches (:class:`xrcam.frames.FrameBatch`) of the planned frames, read with the one frame reader."""
+    from xrcam.frames import read_batches
 
-    wanted = set(plan.scored) | set(plan.sampled)
-    masks = load_masks(plan.entry) if plan.scored else {}
-    with open_video(plan.entry.path) as reader:
-        pre = Preprocessor.for_video(reader, run.preprocess_config())
-        batch: list[tuple[int, np.ndarray]] = []
-        for index, frame in reader.read(start=0, stop=max(wanted) + 1, step=run.frame_step):
-            if index in wanted:
-                batch.append((index, frame))
-            if len(batch) == batch_size:
-                yield _batch(pre, batch, masks)
-                batch = []
-        if batch:
-            yield _batch(pre, batch, masks)
-
-
-def _batch(pre, batch: list[tuple[int, np.ndarray]], masks: dict[int, np.ndarray]):
-    indices = [i for i, _ in batch]
-    images = pre(np.stack([f for _, f in batch]))
-    gt = np.stack(
-        [
-            pre.crop_mask(masks[i], frame=i) if i in masks else np.zeros(images.shape[-2:], bool)
-            for i in indices
-        ]
+    step = run.frame_step
+    positions = sorted({i // step for i in set(plan.scored) | set(plan.sampled)})
+    yield from read_batches(
+        plan.entry,
+        run.preprocess_config(),
+        positions=positions,
+        batch_size=batch_size,
+        masks=bool(plan.scored),
     )
-    return indices, images, gt
 
 
 def evaluate(
@@ -182,7 +171,7 @@ def evaluate(
 
     import xrcam
     from xrcam.archive import discover_archive
-    from xrcam.postprocess import parse_layer_set
+    from xrcam.scoring import parse_layer_set
 
     device = torch.device(run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     archive = discover_archive(run.archive)
@@ -213,25 +202,32 @@ def evaluate(
     explainers = {"off": xrcam.create_explainer(model, **kwargs)}
     if options.mc_samples:
         explainers["on"] = xrcam.create_explainer(model, mc_samples=options.mc_samples, **kwargs)
-    rule, fraction = _parse_threshold(options.threshold)
-    scorer = _Scorer(classes, methods, sets, rule, fraction, options.relu)
+    scorer = _Scorer(classes, methods, sets, options)
     rows: list[dict[str, Any]] = []
     samples: list[tuple[Any, int, Any, int]] = []  # (entry, frame, image, label index)
     for plan in plans:
         label_index = classes.index(plan.entry.label) if plan.entry.label in classes else -1
-        for indices, images, gt in _read(plan, run, run.batch_size):
+        for batch in _read(plan, run, run.batch_size):
+            indices = batch.indices
             for i, index in enumerate(indices):
                 if index in plan.sampled:
-                    samples.append((plan.entry, index, images[i], label_index))
+                    samples.append((plan.entry, index, batch.x[i], label_index))
             scored = [i for i, index in enumerate(indices) if index in plan.scored]
             if not scored:
                 continue
-            x = images[scored].to(device)
-            truth = torch.from_numpy(gt[scored]).to(device)
+            x = batch.x[scored].to(device)
+            truth = torch.from_numpy(batch.gt[scored]).to(device)
+            grey = batch.grey[scored].to(device)
             for dropout, explainer in explainers.items():
                 rows.extend(
                     scorer(
-                        explainer(x), truth, plan.entry, [indices[i] for i in scored], label_index, dropout
+                        explainer(x),
+                        truth,
+                        grey,
+                        plan.entry,
+                        [indices[i] for i in scored],
+                        label_index,
+                        dropout,
                     )
                 )
     tables: dict[str, Any] = {}
@@ -241,7 +237,7 @@ def evaluate(
         echo("no annotated frames in the selected videos: mIoU tables are left out")
     if samples and options.axioms:
         tables["axioms"] = _axioms(model, samples, methods, layers, run, options, device, echo)
-        tables["table4_axioms"] = axiom_table(tables["axioms"], layers)
+        tables["table4_axioms"] = tables_lib.axiom_table(tables["axioms"], layers)
     if samples and options.sanity:
         tables["sanity"] = _sanity(model, samples, methods, layers, run, options, device, echo)
     return tables
@@ -249,31 +245,45 @@ def evaluate(
 
 @dataclass(frozen=True)
 class _Scorer:
-    """Turns one explained batch into per-frame rows (frame x method x layer set)."""
+    """Turns one explained batch into per-frame rows (frame x method/reference x layer set), scored by
+    :func:`xrcam.scoring.score_batch` exactly as ``xrcam reduce`` scores them."""
 
     classes: list[str]
     methods: list[str]
     sets: list[str]
-    rule: str
-    fraction: float
-    relu: bool | None
+    options: EvalOptions
 
-    def __call__(self, exp, truth, entry, indices: list[int], label_index: int, dropout: str) -> list[dict]:
-        from xrcam.postprocess import aggregate, iou, make_masks, normalize
+    def __call__(
+        self, exp, truth, grey, entry, indices: list[int], label_index: int, dropout: str
+    ) -> list[dict]:
+        import zlib
+
+        from xrcam.scoring import default_relu, score_batch
 
         predicted = exp.logits.argmax(dim=1).cpu().tolist()
         size = tuple(truth.shape[-2:])
+        pixels = float(np.prod(size))
         gt_area = truth.flatten(1).sum(dim=1).cpu().tolist()
+        relu = self.options.relu
+        inverted = [m for m in self.methods if not (default_relu(m) if relu is None else relu)]
+        references = self.options.references if dropout == "off" else ()
+        seeds = [zlib.crc32(f"{self.options.seed}:{entry.video_id}:{int(i)}".encode()) for i in indices]
+        scores = score_batch(
+            {m: exp.maps[m] for m in self.methods},
+            size=size,
+            layer_sets=self.sets,
+            gt=truth,
+            threshold=self.options.threshold,
+            relu=relu,
+            inverted=inverted if dropout == "off" else (),
+            references=references,
+            frames=grey,
+            frame_seeds=seeds,
+        )
+        ious, areas = scores.iou.cpu().numpy(), scores.mask_area.cpu().numpy()
         rows = []
-        for method in self.methods:
-            norm = {
-                layer: normalize(m, size, method=method, relu=self.relu)
-                for layer, m in exp.maps[method].items()
-            }
-            for layer_set in self.sets:
-                masks = make_masks(aggregate(norm, layer_set), self.rule, fraction=self.fraction)
-                scores = iou(masks, truth).cpu().tolist()
-                area = masks.flatten(1).sum(dim=1).cpu().tolist()
+        for m, name in enumerate(scores.methods):
+            for k, layer_set in enumerate(self.sets):
                 for i, index in enumerate(indices):
                     rows.append(
                         {
@@ -282,8 +292,9 @@ class _Scorer:
                             "label": entry.label,
                             "frame": int(index),
                             "dropout": dropout,
-                            "method": method,
+                            "method": name,
                             "layer_set": layer_set,
+                            "is_reference": name not in self.methods,
                             "prediction": self.classes[predicted[i]]
                             if predicted[i] < len(self.classes)
                             else "",
@@ -291,66 +302,44 @@ class _Scorer:
                             "has_gt_mask": True,
                             "gt_empty": gt_area[i] == 0,
                             "gt_area": int(gt_area[i]),
-                            "mask_area": int(area[i]),
-                            "mask_fraction": area[i] / float(np.prod(size)),
-                            "iou": scores[i],
+                            "gt_fraction": gt_area[i] / pixels,
+                            "mask_area": float(areas[k, m, i]),
+                            "mask_fraction": float(areas[k, m, i]) / pixels,
+                            "iou": float(ious[k, m, i]),
                         }
                     )
         return rows
 
 
 def _miou_tables(iou, methods, sets, options: EvalOptions, model: str) -> dict[str, Any]:
+    """Tables 1-3 with the definitions ``xrcam reduce`` uses (:mod:`workflows.tables`), CIs included."""
     import pandas as pd
 
-    from xrcam.metrics import mean_iou
-
-    records = []
-    for (dropout, method, layer_set), rows in iou.groupby(["dropout", "method", "layer_set"], sort=False):
-        score = mean_iou(
-            rows["iou"].to_numpy(np.float64),
-            correct=rows["correct"].to_numpy(bool),
-            has_gt=rows["has_gt_mask"].to_numpy(bool),
-            gt_empty=rows["gt_empty"].to_numpy(bool),
-        )
-        records.append({"dropout": dropout, "method": method, "layer_set": layer_set, **asdict(score)})
-    long = pd.DataFrame.from_records(records)
-    off = long[long["dropout"] == "off"]
-    singles = sorted((s for s in sets if "+" not in s), key=int)
-    tables = {"iou": iou, "miou": long}
-    if singles:
-        tables["table1_layer_miou"] = _wide(off, methods, singles, model, average=True)
-    aggregated = [s for s in options.layer_sets]
-    if aggregated:
-        tables["table2_layerset_miou"] = _wide(off, methods, aggregated, model, average=False)
+    long = tables_lib.miou_long(iou, group_by=("dropout", "method", "layer_set"), seed=options.seed)
+    off = long[long["dropout"] == "off"].drop(columns=["dropout"])
+    out = {"iou": iou, "miou": long}
+    if tables_lib.table1_sets(sets):
+        out["table1_layer_miou"] = tables_lib.miou_table(off, tables_lib.table1_sets(sets), model, methods)
+    if tables_lib.table2_sets(sets):
+        out["table2_layerset_miou"] = tables_lib.miou_table(off, tables_lib.table2_sets(sets), model, methods)
     if options.mc_samples:
-        columns = singles + [s for s in options.layer_sets if "+" in s][-1:]
-        parts = []
-        for dropout in ("on", "off"):
-            wide = _wide(long[long["dropout"] == dropout], methods, columns, model, average=False)
-            wide.insert(2, "dropout", dropout)
-            parts.append(wide)
-        both = pd.concat(parts, ignore_index=True)
+        columns = tables_lib.table1_sets(sets) + [s for s in sets if "+" in s][-1:]
+        both = long[long["layer_set"].isin(columns) & long["method"].isin(methods)]
         order = {m: i for i, m in enumerate(methods)}
-        tables["table3_dropout_miou"] = both.sort_values(
-            ["method", "dropout"],
-            key=lambda c: c.map(order) if c.name == "method" else c.map({"on": 0, "off": 1}),
-        ).reset_index(drop=True)
-    return tables
-
-
-def _wide(long, methods, layer_sets, model: str, *, average: bool):
-    """One row per method, one column per layer set, mIoU in percent (as the paper prints it)."""
-    wide = long.pivot(index="method", columns="layer_set", values="miou").reindex(
-        index=methods, columns=layer_sets
-    )
-    wide = wide * 100.0
-    wide.columns = [f"layer {s}" for s in layer_sets]
-    if average:
-        wide["average"] = wide.mean(axis=1)
-    frames = long[long["layer_set"].isin(layer_sets)].groupby("method")["frames"].max()
-    out = wide.reset_index()
-    out.insert(1, "model", model)
-    out["frames"] = out["method"].map(frames).fillna(0).astype("int64")
+        both = both.sort_values(
+            ["method", "dropout", "layer_set"],
+            key=lambda c: (
+                c.map(order)
+                if c.name == "method"
+                else (
+                    c.map({"on": 0, "off": 1})
+                    if c.name == "dropout"
+                    else c.map({s: i for i, s in enumerate(columns)})
+                )
+            ),
+        )
+        both.insert(1, "model", model)
+        out["table3_dropout_miou"] = pd.DataFrame(both.reset_index(drop=True))
     return out
 
 
@@ -432,8 +421,8 @@ def write_tables(
 ) -> list[Path]:
     """Write every table as Parquet and CSV into ``out`` (plus ``evaluate.json`` with the settings).
 
-    ``axioms.parquet`` (per frame: method, layer, conservation, sensitivity) is what ``xrcam reduce``
-    reads to add Table 4 when ``out`` is a results folder.
+    ``axioms.parquet`` (per frame: :data:`workflows.tables.AXIOM_COLUMNS`) is what ``xrcam reduce``
+    reads to add Table 4 and the axiom columns when ``out`` is a results folder.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

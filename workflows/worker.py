@@ -97,6 +97,7 @@ class ShardWorker:
             num_classes=len(self.classes),
             checkpoint=self.settings.checkpoint,
             dropout=self.settings.dropout,
+            seed=None if self.settings.checkpoint else self.settings.random_init,
         )
         self.model = model.to(self.device).eval()
         self.methods = list(self.store.methods)

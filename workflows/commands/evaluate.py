@@ -213,23 +213,27 @@ def _print(tables: dict) -> None:
     import pandas as pd
 
     titles = {
-        "table1_layer_miou": "mIoU (%) per layer (Table 1)",
-        "table2_layerset_miou": "mIoU (%) per layer set (Table 2)",
+        "table1_layer_miou": "mIoU (%) [95 % CI over patients] per layer (Table 1)",
+        "table2_layerset_miou": "mIoU (%) [95 % CI over patients] per layer set (Table 2)",
         "table3_dropout_miou": "mIoU (%) with dropout on (Monte-Carlo) and off (Table 3)",
         "table4_axioms": "Axiom metrics, lower is better (Table 4)",
     }
+    from workflows.tables import paper_view
+
     if "miou" in tables:
         for dropout, rows in tables["miou"].groupby("dropout", sort=False):
             first = rows.iloc[0]  # the counts depend on the predictions only, not on method or layer set
             click.echo(
-                f"mIoU (dropout {dropout}) averages {first['frames']} annotated frames; left out: "
-                f"{first['misclassified']} misclassified, {first['empty_gt']} with an empty ground truth"
+                f"mIoU (dropout {dropout}) averages {first['n_frames']} annotated frames of "
+                f"{first['n_patients']} patients; left out: {first['n_misclassified']} misclassified, "
+                f"{first['n_empty_gt']} with an empty ground truth"
             )
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 3):
         for name, title in titles.items():
             if name in tables:
                 click.secho(f"\n{title}", bold=True)
-                click.echo(tables[name].to_string(index=False))
+                table = tables[name]
+                click.echo((paper_view(table) if "miou_pct" in table else table).to_string(index=False))
         if "sanity" in tables:
             for value in ("spearman", "ssim"):
                 wide = tables["sanity"].pivot_table(
