@@ -198,6 +198,36 @@ def test_cli_defaults_are_train_configs():
         assert f"default: {value}" in " ".join(block.split()), block
 
 
+def test_address_needs_workers_only_when_given_on_the_command_line(archive, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from workflows.cli import main
+
+    refused = CliRunner().invoke(main, ["train", str(archive), "--out", str(tmp_path), "--address", "h:1"])
+    assert refused.exit_code == 2 and "--address needs --workers" in refused.output
+    monkeypatch.setenv("XRCAM_ADDRESS", "h:1")  # set once for run/reduce: plain training ignores it
+    tiny = [
+        "--model",
+        "resnet18",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--no-progress",
+    ]
+    # --device cuda stops a CPU-only machine right after the option checks (a GPU one just trains)
+    result = CliRunner().invoke(
+        main, ["train", str(archive), "--out", str(tmp_path), "--device", "cuda", *tiny]
+    )
+    assert "--address needs --workers" not in result.output
+    if not torch.cuda.is_available():
+        assert result.exit_code == 1 and "no CUDA device" in result.output, result.output
+    else:
+        assert result.exit_code == 0, result.output
+
+
 def test_cli_trains_and_prints_test_accuracy(archive, tmp_path):
     from click.testing import CliRunner
 

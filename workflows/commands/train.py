@@ -111,7 +111,10 @@ def command(
     resumes from last.pt; a larger --epochs trains on. The test accuracy is printed at the end.
     """
     if address and workers is None:
-        raise click.UsageError("--address needs --workers: it names the Ray cluster to train on.")
+        source = click.get_current_context().get_parameter_source("address")
+        if source is click.core.ParameterSource.COMMANDLINE:
+            raise click.UsageError("--address needs --workers: it names the Ray cluster to train on.")
+        address = None  # XRCAM_ADDRESS set for the whole session: training in this process does not need it
     config = TrainConfig(
         model=model,
         classes=classes,
