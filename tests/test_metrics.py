@@ -358,12 +358,12 @@ def test_cascading_randomization_lowers_similarity_on_a_trained_model():
 # ------------------------------------------------------------------------------------------ CUDA
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_postprocess_and_metrics_on_cuda_match_cpu():
+def test_scoring_and_metrics_on_cuda_match_cpu():
     import copy
 
     import xrcam
     from xrcam.metrics import axiom_metrics
-    from xrcam.postprocess import THRESHOLD_RULES, aggregate, iou, make_masks, normalize
+    from xrcam.scoring import THRESHOLD_RULES, aggregate, iou, make_masks, normalize
 
     g = torch.Generator().manual_seed(0)
     raw = {layer: torch.randn(3, 4 * 2**i, 4 * 2**i, generator=g) for i, layer in enumerate(ALL_STAGES)}
