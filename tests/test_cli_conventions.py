@@ -255,3 +255,14 @@ def test_a_new_option_is_written_in_one_place(tmp_path, monkeypatch):
     bad = _toml(tmp_path / "b.toml", '[fresh]\nwindow-size = "wide"\n')
     result = runner.invoke(command, ["--config", str(bad)])
     assert result.exit_code == 2 and "'window-size'" in result.output
+
+
+@pytest.mark.parametrize("path", LEAVES, ids=" ".join)
+def test_no_command_declares_variables_of_its_own(path):
+    """Beyond the convention's names, only Ray's own Jobs API variable is declared (submit ray, status)."""
+    command, _ = _command(path)
+    for param in command.params:
+        if isinstance(param, click.Option):
+            extra = [name for name in param.envvar if not name.startswith("XRCAM_")]
+            assert set(extra) <= {"RAY_API_SERVER_ADDRESS"}, (param.name, extra)
+            assert all(not name.startswith("XRCAM_") or name in envvars(path, param) for name in param.envvar)
