@@ -185,7 +185,11 @@ def evaluate(
     sets = list(dict.fromkeys([s.removeprefix("layer") for s in run.layers] + list(options.layer_sets)))
     layers = sorted({layer for s in sets for layer in parse_layer_set(s)}, key=lambda n: int(n[5:]))
     model = xrcam.load_model(
-        run.model, num_classes=len(classes), checkpoint=run.checkpoint, dropout=run.dropout
+        run.model,
+        num_classes=len(classes),
+        checkpoint=run.checkpoint,
+        dropout=run.dropout,
+        seed=None if run.checkpoint else run.random_init,  # the weights `xrcam run --random-init` explains
     )
     model = model.to(device).eval()
     if options.mc_samples and not any(isinstance(m, torch.nn.Dropout) for m in model.modules()):
