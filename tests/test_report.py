@@ -425,3 +425,42 @@ def test_axiom_table_marks_the_lowest_error_per_axiom_and_keeps_tiny_values_visi
     assert text.count('class="best"') == 2  # one per axiom, not one per column
     assert '<td class="best">5.90e-08</td>' in text and '<td class="best">0.500</td>' in text
     assert "<td>XRelevanceCAM</td>" in text and "layer 1" in text
+
+
+def test_verdicts_per_video_and_per_patient():
+    import xarray as xr
+
+    from workflows.report.sections import verdict_tables, verdicts
+
+    def video(logits, video_id):
+        return xr.Dataset(
+            {"logits": (("frame", "class"), np.log(np.asarray(logits)))},
+            attrs={"video_id": video_id, "patient": "P1", "label": "meningioma"},
+        )
+
+    videos = {
+        "a": video([[0.1, 0.9], [0.1, 0.9], [0.1, 0.9]], "meningioma/P1/a"),
+        "b": video([[0.7, 0.3]], "meningioma/P1/b"),
+    }
+
+    class Res:
+        video_keys = ["a", "b"]
+
+        def video(self, key):
+            return videos[key]
+
+    metrics = pd.DataFrame(columns=["video_key", "iou", "has_gt_mask", "gt_empty", "correct"]).astype(
+        {"iou": float, "has_gt_mask": bool, "gt_empty": bool, "correct": bool}
+    )
+    items = verdicts(Res(), metrics, ["glioblastoma", "meningioma"])
+    assert [(v.predicted, round(v.probability, 2), v.agreement) for v in items] == [
+        ("meningioma", 0.9, 1.0),
+        ("glioblastoma", 0.7, 1.0),
+    ]
+    items[1].shown = False
+    text = verdict_tables(items, "4+3+2+1", ["glioblastoma", "meningioma"])
+    patient = text[text.index("Per patient") : text.index("Per video")]
+    assert "<td>meningioma</td><td>meningioma</td><td class=\"num\">0.75</td><td class=\"num\">75 %</td>" in patient
+    per_video = text[text.index("Per video") :]
+    assert per_video.count('<tr class="wrong">') == 1  # video b's verdict is wrong
+    assert 'href="#video-0"' in per_video and 'href="#video-1"' not in per_video  # no section, no link

@@ -304,17 +304,21 @@ def video_figure(
 ) -> Figure:
     """A video's timeline (P(true class) and per-frame IoU along the video) above an overlay strip.
 
-    ``strip``: (frame number, grey, map, gt) for a few evenly spaced frames.
+    ``strip``: (frame number, grey, map, gt) for a few evenly spaced frames; the charts' frame axis is
+    laid out so that each strip tile sits under its own frame number.
     """
     import matplotlib
 
     labels = labels or {}
     n = max(len(strip), 1)
-    width = 10.5
-    tile = min(1.15, (width - 1.6) / n)
+    left, tile = 0.8, min(1.1, 8.4 / n)
+    width = left + n * tile + 1.0
     has_iou = any(np.isfinite(v).any() for v in ious.values())
-    plot_h = 1.6
+    plot_h = 1.5
     height = 0.3 + plot_h * (2 if has_iou else 1) + 0.45 + tile + 0.1
+    frames = [int(f) for f, *_ in strip] or [int(frame_index[0]), int(frame_index[-1])]
+    step = (frames[-1] - frames[0]) / (len(frames) - 1) if len(frames) > 1 and frames[-1] > frames[0] else 1.0
+    xlim = (frames[0] - step / 2, frames[-1] + step / 2)  # tile i is centred under frames[i]
     with matplotlib.rc_context(_STYLE):
         figure = new_figure(width, height)
         W, H = width, height
@@ -322,10 +326,11 @@ def video_figure(
         def box(x, y, w, h):
             return [x / W, 1 - (y + h) / H, w / W, h / H]
 
-        ax = figure.add_axes(box(0.75, 0.3, 7.6, plot_h - 0.25))
+        ax = figure.add_axes(box(left, 0.3, n * tile, plot_h - 0.25))
         ax.plot(frame_index, probability, marker="o", markersize=3, color="#1f77b4")
         ax.axhline(0.5, color="#999999", linestyle="--", linewidth=1)
         ax.set_ylim(-0.02, 1.02)
+        ax.set_xlim(*xlim)
         ax.set_ylabel(f"P({true_class})")
         ax.set_title(
             f"classifier probability of the true class ({true_class}) per frame", loc="left", fontsize=10
@@ -335,7 +340,7 @@ def video_figure(
         if not has_iou:
             ax.set_xlabel("frame")
         if has_iou:
-            ax2 = figure.add_axes(box(0.75, 0.3 + plot_h, 7.6, plot_h - 0.35), sharex=ax)
+            ax2 = figure.add_axes(box(left, 0.42 + plot_h, n * tile, plot_h - 0.47), sharex=ax)
             for i, (method, values) in enumerate(ious.items()):
                 ax2.plot(
                     frame_index,
@@ -350,14 +355,14 @@ def video_figure(
             ax2.set_xlabel("frame")
             ax2.set_title(iou_title, loc="left", fontsize=10)
             ax2.grid(color="#eeeeee")
-            ax2.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
+            ax2.legend(loc="upper right", fontsize=8.5, framealpha=0.85, ncols=len(ious))
         y = 0.3 + plot_h * (2 if has_iou else 1) + 0.45
         for i, (frame, grey, saliency, gt) in enumerate(strip):
-            ax = figure.add_axes(box(0.75 + i * tile, y, tile - 0.05, tile - 0.05))
+            ax = figure.add_axes(box(left + i * tile + 0.025, y, tile - 0.05, tile - 0.05))
             _tile(ax, grey, saliency, gt)
             ax.set_title(f"frame {frame}", fontsize=8.5, pad=2)
         _colour_bar(
-            figure, box(0.75 + n * tile + 0.15, y, 0.14, tile - 0.05), label="saliency", ticks=(0, 0.5, 1)
+            figure, box(left + n * tile + 0.12, y, 0.14, tile - 0.05), label="saliency", ticks=(0, 0.5, 1)
         )
     return figure
 

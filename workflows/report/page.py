@@ -67,6 +67,7 @@ tr.refhead td { background: #fff; color: #555; font-size: 0.88em; text-align: le
 tr.wrong td { color: #b00020; }
 .note { color: #7a4a00; background: #fff6e5; padding: 0.45em 0.9em; border-left: 4px solid #e0a030; }
 figure { margin: 1em 0 2em; } figcaption { font-size: 0.92em; color: #333; margin-top: 0.3em; max-width: 60em; }
+figure.sample { border-top: 1px solid #e3e3e3; padding-top: 0.6em; } figure.sample figcaption { margin: 0 0 0.4em; }
 img { max-width: 100%; height: auto; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1.2em; }
 dt { font-weight: bold; } dd { margin: 0; font-family: ui-monospace, monospace; font-size: 0.9em; word-break: break-all; }
@@ -239,8 +240,8 @@ def _sample_section(res, metrics, methods, singles, focus, classes, options, not
             f" (P(true class) = {float(r['p_true']):.2f})."
         )
         parts.append(
-            f'<figure class="sample" data-label="{esc(r["label"])}"><img alt="{esc(caption)}" '
-            f'src="{figures.data_uri(fig)}"><figcaption>{esc(caption)}</figcaption></figure>'
+            f'<figure class="sample" data-label="{esc(r["label"])}"><figcaption>{esc(caption)}</figcaption>'
+            f'<img alt="{esc(caption)}" src="{figures.data_uri(fig)}"></figure>'
         )
     return "".join(parts)
 
@@ -324,6 +325,7 @@ def _video_sections(res, metrics, items, methods, focus, cells, options, notes, 
         probs = probabilities(ds)
         truth = int(ds.attrs.get("label_index", 0))
         ious = {}
+        annotated = bool(at_focus[at_focus["video_key"] == v.key]["has_gt_mask"].any())
         for m in shown_methods:
             part = at_focus[(at_focus["video_key"] == v.key) & (at_focus["method"] == m)]
             values = np.full(count, np.nan)
@@ -352,7 +354,9 @@ def _video_sections(res, metrics, items, methods, focus, cells, options, notes, 
             + (
                 f"mIoU of {label(primary)} at {layer_title(focus)}: {pct(v.miou)} %."
                 if np.isfinite(v.miou)
-                else "no scored frame (no ground truth, or none classified correctly)."
+                else "none of its annotated frames was classified correctly (no mIoU)."
+                if annotated
+                else "no ground truth in this video."
             )
         )
         caption = (
@@ -460,7 +464,7 @@ def build_report(
     per_class = _table(res, "accuracy_per_class")
     if per_class is not None:
         classification.append("<h3>Per class (frames)</h3>" + plain_table(per_class, digits=3))
-    classification.append(verdict_tables(items, focus))
+    classification.append(verdict_tables(items, focus, classes))
     table4 = _table(res, "table4")
     axioms = (
         '<h2 id="axioms">Table 4: axiom metrics</h2><p>Conservation and sensitivity errors per layer '

@@ -186,6 +186,13 @@ def number(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def header(column) -> str:
+    """``n_frames`` -> "frames", ``accuracy_pct`` -> "accuracy (%)", ``layer_1`` -> "layer 1"."""
+    text = str(column).removeprefix("n_")
+    text = text[:-4] + " (%)" if text.endswith("_pct") else text
+    return text.replace("_", " ")
+
+
 def plain_table(
     df: pd.DataFrame, *, best: str | None = None, group: str | None = None, digits: int = 3
 ) -> str:
@@ -201,14 +208,14 @@ def plain_table(
                 if group
                 else pd.Series(values.agg(best), index=df.index)
             )
-    head = "".join(f"<th>{esc(str(c).replace('_', ' '))}</th>" for c in df.columns)
+    head = "".join(f"<th>{esc(header(c))}</th>" for c in df.columns)
     body = []
     for i, r in df.iterrows():
         tds = []
         for c in df.columns:
             v = r[c]
             if c in numeric:
-                text = number(v, digits)
+                text = number(v, 1 if str(c).endswith("_pct") else digits)
                 is_best = c in marked and np.isfinite(v) and np.isclose(v, marked[c].loc[i])
                 tds.append(f'<td class="best">{text}</td>' if is_best else f'<td class="num">{text}</td>')
             elif c == "method":
@@ -244,6 +251,8 @@ class Verdict:
     frames: int
     miou: float  # the primary method's mIoU over this video's scored frames at the focus set (0-1)
     anchor: str
+    prob_sums: np.ndarray  # per class: the sum over frames of its probability
+    votes: np.ndarray  # per class: the frames predicted as it
     shown: bool = True  # has its own section (the link target exists)
 
 
@@ -273,6 +282,8 @@ def verdicts(res, metrics_primary: pd.DataFrame, classes: Sequence[str]) -> list
                 frames=int(probs.shape[0]),
                 miou=float(miou.get(key, np.nan)),
                 anchor=f"video-{i}",
+                prob_sums=probs.sum(axis=0),
+                votes=np.bincount(probs.argmax(axis=1), minlength=probs.shape[1]),
             )
         )
     return out
@@ -282,31 +293,29 @@ def link(v: Verdict) -> str:
     return f'<a href="#{esc(v.anchor)}">{esc(v.video_id)}</a>' if v.shown else esc(v.video_id)
 
 
-def verdict_tables(items: Sequence[Verdict], focus: str) -> str:
+def verdict_tables(items: Sequence[Verdict], focus: str, classes: Sequence[str] = ()) -> str:
     """Per-patient and per-video verdict tables; each video links to its section."""
     patients: dict[str, list[Verdict]] = {}
     for v in items:
         patients.setdefault(v.patient, []).append(v)
     rows = []
     for patient, vs in patients.items():
-        weights = np.array([v.frames for v in vs], dtype=float)
-        votes: dict[str, float] = {}
-        for v in vs:
-            votes[v.predicted] = votes.get(v.predicted, 0.0) + v.frames * v.probability
-        predicted = max(votes, key=votes.get)
-        agree = (
-            sum(v.frames * (v.agreement if v.predicted == predicted else 1 - v.agreement) for v in vs)
-            / weights.sum()
-        )
+        frames = sum(v.frames for v in vs)
+        mean = sum(v.prob_sums for v in vs) / frames
+        top = int(mean.argmax())
+        names = classes or [str(i) for i in range(len(mean))]
+        predicted = names[top] if top < len(names) else str(top)
+        agree = sum(v.votes for v in vs)[top] / frames
         truth = vs[0].label
         wrong = ' class="wrong"' if predicted != truth else ""
         rows.append(
             f"<tr{wrong}><td>{esc(patient)}</td><td>{esc(truth)}</td><td>{esc(predicted)}</td>"
-            f'<td class="num">{len(vs)}</td><td class="num">{int(weights.sum())}</td><td class="num">{100 * agree:.0f} %</td></tr>'
+            f'<td class="num">{mean[top]:.2f}</td><td class="num">{100 * agree:.0f} %</td>'
+            f'<td class="num">{len(vs)}</td><td class="num">{frames}</td></tr>'
         )
     patient_html = (
-        "<table><thead><tr><th>patient</th><th>true class</th><th>predicted (frame-weighted vote)</th>"
-        "<th>videos</th><th>frames</th><th>frames agreeing</th></tr></thead><tbody>"
+        "<table><thead><tr><th>patient</th><th>true class</th><th>predicted</th><th>mean probability</th>"
+        "<th>frames agreeing</th><th>videos</th><th>frames</th></tr></thead><tbody>"
         + "".join(rows)
         + "</tbody></table>"
     )
@@ -326,7 +335,9 @@ def verdict_tables(items: Sequence[Verdict], focus: str) -> str:
         + "</tbody></table>"
     )
     return (
-        "<h3>Per patient</h3>" + patient_html + "<h3>Per video</h3>"
+        "<h3>Per patient</h3><p>As per video (below), over all frames of the patient's videos.</p>"
+        + patient_html
+        + "<h3>Per video</h3>"
         "<p>A video's verdict is the class with the highest probability averaged over its frames; "
         "<em>mean probability</em> is that average, <em>frames agreeing</em> the share of frames predicted "
         "as that class. Rows in red are wrong. Click a video for its timeline.</p>" + video_html
