@@ -206,6 +206,12 @@ def test_an_empty_archive_is_not_success(files, no_ray, tmp_path):
     result = CliRunner().invoke(main, ["run", str(manifest), "--out", str(out), "--random-init", "0"])
     _one_line_refusal(result, "no videos found")
     assert not out.exists()
+    broken = tmp_path / "broken"
+    (broken / "glioblastoma" / "P01").mkdir(parents=True)
+    (broken / "glioblastoma" / "P01" / "V01.mkt").write_bytes(b"\0" * 40)
+    result = CliRunner().invoke(main, ["run", str(broken), "--out", str(out), "--random-init", "0"])
+    _one_line_refusal(result, "no usable videos: 1 rejected (first: ", "V01.mkt")
+    assert not out.exists()
 
 
 def test_a_second_run_into_a_held_results_folder_is_refused_naming_the_holder(files, no_ray, tmp_path):

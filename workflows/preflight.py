@@ -192,6 +192,14 @@ def _check_crop(settings: RunSettings, entries: list) -> None:
         )
 
 
+def _nothing_usable(settings: RunSettings, problems: list[str]) -> None:
+    first = problems[0] if problems else "no videos"
+    raise XrcamInputError(
+        settings.archive,
+        f"no usable videos: {len(problems)} rejected (first: {first}); expected {EXPECTED_LAYOUT}",
+    )
+
+
 def preflight(settings: RunSettings) -> Plan:
     """Check everything a run can check without starting it; see the module docstring.
 
@@ -208,6 +216,8 @@ def preflight(settings: RunSettings) -> Plan:
             raise XrcamConfigError(
                 f"{settings.archive}: no videos in the {settings.split} split; check --split"
             )
+    if not entries:
+        _nothing_usable(settings, [str(p) for p in archive.problems])
     if classes is None:  # random weights only: class order has no meaning, take the labels sorted
         classes = sorted({e.label for e in archive.entries})
         if len(classes) < 2:
@@ -241,6 +251,8 @@ def preflight(settings: RunSettings) -> Plan:
             for e in videos
         ]
         entries = [e for e in entries if e.label not in unknown]
+    if not entries:
+        _nothing_usable(settings, [row["message"] for row in failures])
     _check_crop(settings, entries)
     return Plan(
         settings=settings, root=archive.root, entries=entries, failures=failures, num_classes=len(classes)
