@@ -19,11 +19,15 @@ XRCAM = str(Path(sys.executable).parent / "xrcam")
 
 
 def maps(results: Path) -> dict[str, np.ndarray]:
-    """Every array of every video group in ``results/maps.zarr``, by ``<video>/<array>``."""
+    """Every array of ``results/maps.zarr`` (root coordinates and every video group), by its path."""
     import zarr
 
-    videos = zarr.open_group(results / "maps.zarr", mode="r")["videos"]
-    return {f"{k}/{n}": np.asarray(a[...]) for k, g in videos.groups() for n, a in g.arrays()}
+    root = zarr.open_group(results / "maps.zarr", mode="r")
+    return {
+        path: np.asarray(node[...])
+        for path, node in root.members(max_depth=None)
+        if isinstance(node, zarr.Array)
+    }
 
 
 def assert_same_maps(results: Path, reference: dict[str, np.ndarray]) -> None:
@@ -32,8 +36,7 @@ def assert_same_maps(results: Path, reference: dict[str, np.ndarray]) -> None:
     assert reference and ours.keys() >= reference.keys()
     for name, expected in reference.items():
         np.testing.assert_array_equal(ours[name], expected, err_msg=name)
-    assert any(name.split("/")[1].startswith("agg_") for name in ours)  # reduce's aggregated maps
-    assert (results / "summary").is_dir()
+    assert (results / "metrics").is_dir() and (results / "summary").is_dir()  # `xrcam reduce` ran too
 
 
 def cluster_case(tmp_path_factory) -> dict:
@@ -41,7 +44,15 @@ def cluster_case(tmp_path_factory) -> dict:
     root = tmp_path_factory.getbasetemp() / "cluster case"
     archive, local = root / "my archive", root / "local results"
     checkpoint = root / "model.pt"
-    run_args = ["--model", "resnet18", "--checkpoint", str(checkpoint), "--methods", "gradcam,xrelevancecam"]
+    run_args = [
+        "--model",
+        "resnet18",
+        "--checkpoint",
+        str(checkpoint),
+        "--classes",
+        "glioblastoma,meningioma",
+    ]
+    run_args += ["--methods", "gradcam,xrelevancecam"]
     run_args += ["--workers", "1", "--batch-size", "4", "--no-progress"]
     if not (root / "done").exists():
         import torch
