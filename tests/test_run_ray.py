@@ -123,6 +123,7 @@ def test_every_frame_once_maps_match_and_failures_are_recorded(setup, first_run)
         "XrcamInputError",
     )  # frame 6 = kept position 3
     assert "frame_000006.png" in frame_failure.message
+    assert frame_failure.frame == 6  # the frame column names it too (interface 9)
 
     store = ResultStore.open(out)
     keys = store.video_keys()

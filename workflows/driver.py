@@ -279,6 +279,18 @@ class _Worker(ShardWorker):
         super().__init__(settings, *args, **kwargs)
 
 
+_FRAME = re.compile(r" \(frame (\d+)\): ")
+
+
+def _frame_of(error: dict[str, Any]) -> int | None:
+    """The frame a worker's error names: its ``frame`` field, else the ``path (frame N): ...`` of an
+    :class:`~xrcam.errors.XrcamInputError` message."""
+    if error.get("frame") is not None:
+        return int(error["frame"])
+    match = _FRAME.search(str(error.get("message", "")))
+    return int(match.group(1)) if match else None
+
+
 def _reason(exc: BaseException) -> str:
     """The last line of a Ray error that names a Python error, else its first line."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -473,7 +485,7 @@ class _Scheduler:
                 error["error_type"],
                 error["message"],
                 item if kind == "process" else None,
-                error.get("frame"),
+                _frame_of(error),
             )
         elif kind == "describe":
             if self.storage_problem is not None:
