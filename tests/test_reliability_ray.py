@@ -245,6 +245,7 @@ def test_a_worker_killed_while_starting_is_replaced_and_a_failing_constructor_ab
     summary = json.loads((out / "run.json").read_text())
     assert summary["worker_restarts"] >= 1 and summary["videos_complete"] == 2 and not summary["failures"]
     assert "Token authentication" not in stderr  # Ray's notice is not shown on a local run
+    assert not _alive(_marked(proc.pid))  # a normal end leaves no Ray process either
     assert "Traceback" not in stderr
 
     proc = _xrcam(_seeded(archive, tmp_path / "other", *FEW), {"XRCAM_TEST_WORKER_START": "raise"})
