@@ -460,7 +460,9 @@ def test_verdicts_per_video_and_per_patient():
     items[1].shown = False
     text = verdict_tables(items, "4+3+2+1", ["glioblastoma", "meningioma"])
     patient = text[text.index("Per patient") : text.index("Per video")]
-    assert "<td>meningioma</td><td>meningioma</td><td class=\"num\">0.75</td><td class=\"num\">75 %</td>" in patient
+    assert (
+        '<td>meningioma</td><td>meningioma</td><td class="num">0.75</td><td class="num">75 %</td>' in patient
+    )
     per_video = text[text.index("Per video") :]
     assert per_video.count('<tr class="wrong">') == 1  # video b's verdict is wrong
     assert 'href="#video-0"' in per_video and 'href="#video-1"' not in per_video  # no section, no link
