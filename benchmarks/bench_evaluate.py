@@ -2,7 +2,7 @@
 
 Prints measured numbers (best of ``--repeat`` runs); asserts nothing.
 
-  postprocess  normalise + aggregate (7 layer sets) + mask + IoU, 7 methods x 4 layers, per frame,
+  scoring      normalise + aggregate (7 layer sets) + mask + IoU, 7 methods x 4 layers, per frame,
                for each threshold rule (Otsu sorts every map)
   spearman/ssim  per pair of crop-size maps
   axioms       axiom_metrics for all methods at layer1..layer4 per frame (K ablations per layer,
@@ -33,7 +33,7 @@ def main() -> None:
 
     import xrcam
     from xrcam.metrics import axiom_metrics, cascading_randomization, spearman, ssim
-    from xrcam.postprocess import STANDARD_LAYER_SETS, aggregate, iou, make_masks, normalize
+    from xrcam.scoring import STANDARD_LAYER_SETS, aggregate, iou, make_masks, normalize
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -61,7 +61,7 @@ def main() -> None:
             sync()
 
         t = best(post, args.repeat)
-        print(f"postprocess {rule:9s} {1000 * t / args.frames:8.1f} ms/frame (7 methods x {len(sets)} sets)")
+        print(f"scoring     {rule:9s} {1000 * t / args.frames:8.1f} ms/frame (7 methods x {len(sets)} sets)")
 
     a, b = torch.rand(2, 64, args.size, args.size, device=device).unbind(0)
     for name, fn in (("spearman", spearman), ("ssim", ssim)):
