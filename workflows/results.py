@@ -19,7 +19,6 @@ scored), so they are never out of step with the metrics.
 
 from __future__ import annotations
 
-import builtins
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -206,6 +205,3 @@ class Results:
         unless ``threshold`` is given)."""
         scores = self._scores(key, positions, layer_set, methods, threshold)
         return {m: scores.masks[0, i].numpy() for i, m in enumerate(scores.methods)}
-
-
-_ = builtins  # ``open`` above shadows the builtin inside this module on purpose
