@@ -75,8 +75,11 @@ def test_slurm_job_requeues_resumes_equals_local_run_and_cleans_up(case):
 
         # first start: once `xrcam run` has joined the job's Ray, send the time-limit warning
         _wait_for(
-            lambda: "Connected to Ray cluster" in (log.read_text() if log.exists() else ""), 300, "no run"
+            lambda: "xrcam: joining the Ray cluster at" in (log.read_text() if log.exists() else ""),
+            300,
+            "no run",
         )
+        time.sleep(3)  # the line is printed as the join starts; let it finish (a second at most)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm_env, check=True)
         _wait_for(lambda: _job_fields(job_id, slurm_env).get("Restarts") == "1", 120, "job did not requeue")
         _wait_for(lambda: not _own_processes(tag), 60, "the first start left Ray processes behind")

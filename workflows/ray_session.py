@@ -130,7 +130,11 @@ def ray_session(
 
                 guard.enter_context(orphan_guard())
             if not quiet:
-                where = f"joining Ray at {address}" if address else "starting a local Ray on 127.0.0.1"
+                where = (
+                    f"joining the Ray cluster at {address}"
+                    if address
+                    else "starting a local Ray on 127.0.0.1"
+                )
                 print(f"xrcam: {where}…", file=sys.stderr, flush=True)
             common = {
                 "logging_level": logging.WARNING,
