@@ -105,11 +105,12 @@ def build_store(root: Path, frames: int, videos: int, size: int, chunk: int, sha
     store.write_summary({"videos": videos})
 
 
-def _child(results: str, workers: int, references: str) -> None:
+def _child(results: str, workers: int, references: str, agreement: str) -> None:
     from workflows.reduce import ReduceSettings, reduce_results
 
     refs = tuple(r for r in references.split(",") if r)
-    summary = reduce_results(results, ReduceSettings(references=refs), workers=workers)
+    extra = {} if agreement == "1" else {"agreement": False, "inverted": ()}
+    summary = reduce_results(results, ReduceSettings(references=refs, **extra), workers=workers)
     print(json.dumps({"rows": summary["rows"], "videos": summary["videos"]}))
 
 
@@ -189,11 +190,16 @@ def main() -> None:
         default="random,centre,oracle",
         help="reference rows (no archive behind the synthetic store, so no intensity); '' for none",
     )
+    parser.add_argument(
+        "--only-methods",
+        action="store_true",
+        help="score what today's reduction scores: no agreement table, no sign check (use with --references '')",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip today's figures")
-    parser.add_argument("--child", nargs=3, metavar=("RESULTS", "WORKERS", "REFS"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child[0], int(args.child[1]), args.child[2])
+        _child(args.child[0], int(args.child[1]), args.child[2], args.child[3])
         return
 
     base = Path(tempfile.mkdtemp(prefix="bench_reduce_"))
@@ -201,6 +207,7 @@ def main() -> None:
     build_store(results, args.frames, args.videos, args.size, args.chunk)
     seconds, peak, out = _measure(
         [sys.executable, __file__, "--child", str(results), str(args.workers), args.references]
+        + ["0" if args.only_methods else "1"]
     )
     info = json.loads(out.strip().splitlines()[-1])
     files, size = _files_and_bytes(results)
@@ -217,7 +224,8 @@ def main() -> None:
     mode = "in process" if args.workers == 0 else f"local Ray, {args.workers} workers"
     print(
         f"{args.frames} frames, {args.videos} videos, crop {args.size}, {len(METHODS)} methods x "
-        f"{len(LAYERS)} stages x 7 layer sets, reduce {mode}, references: {args.references or 'none'}; "
+        f"{len(LAYERS)} stages x 7 layer sets, reduce {mode}, references: {args.references or 'none'}"
+        f"{', no agreement/sign check' if args.only_methods else ', agreement + sign check'}; "
         f"{info['rows']} metric rows"
     )
     print(f"{'':28s}{'today (3e36d69)':>18s}{'new':>12s}{'ratio':>10s}")

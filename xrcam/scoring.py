@@ -121,18 +121,27 @@ def format_threshold(text: str) -> str:
     return f"fraction:{fraction:g}" if rule == "fraction" else rule
 
 
-def minmax(maps: torch.Tensor) -> torch.Tensor:
-    """Per-sample min-max scaling of ``(B, ...)`` to [0, 1]; a constant sample becomes all zeros, never NaN."""
+def minmax(maps: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample min-max scaling of ``(B, ...)`` to [0, 1]; a constant sample becomes all zeros, never NaN.
+
+    ``out`` (may be ``maps`` itself) receives the result without a temporary.
+    """
     flat = maps.flatten(1)
     lo = flat.min(dim=1).values.view(-1, *([1] * (maps.dim() - 1)))
     hi = flat.max(dim=1).values.view(-1, *([1] * (maps.dim() - 1)))
-    return (maps - lo) / (hi - lo + _EPS)
+    if out is None:
+        out = maps - lo
+    else:
+        torch.sub(maps, lo, out=out)
+    return out.div_(hi - lo + _EPS)
 
 
-def _minmax_last2(maps: torch.Tensor) -> torch.Tensor:
+def _minmax_last2(maps: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`minmax` over the last two dims of a tensor of any leading shape."""
     lead = maps.shape[:-2]
-    return minmax(maps.reshape(-1, *maps.shape[-2:])).reshape(*lead, *maps.shape[-2:])
+    flat = maps.reshape(-1, *maps.shape[-2:])
+    target = None if out is None else out.view(-1, *maps.shape[-2:])
+    return minmax(flat, out=target).reshape(*lead, *maps.shape[-2:])
 
 
 def normalize(
@@ -181,7 +190,7 @@ def normalize_stack(
         size = (size, size) if isinstance(size, int) else tuple(size)
         if (h, w) != size:
             x = F.interpolate(x.reshape(m * b, 1, h, w), size=size, mode="bilinear", align_corners=False)
-            x = x.reshape(m, b, *size)
+            return _minmax_last2(x.reshape(m, b, *size), out=x.reshape(m, b, *size))  # in place: ours
     return _minmax_last2(x)
 
 
@@ -248,7 +257,11 @@ def aggregate_stack(
             )
         picks = tuple(index[layer] for layer in wanted)
         if len(picks) == 1:
-            out[k] = _minmax_last2(normalised[picks[0]])
+            # min-max of a min-max'd map: its minimum is exactly 0, so (x - 0) / (max - 0 + eps) needs
+            # only the maximum (bit for bit what minmax computes)
+            single = normalised[picks[0]]
+            hi = single.flatten(-2).max(dim=-1).values[..., None, None]
+            torch.div(single, hi + _EPS, out=out[k])
             continue
         # sequential float32 sums then one division: bit for bit torch.mean over a stacked dim 0
         start = max((n for n in range(2, len(picks)) if picks[:n] in sums), default=1)
@@ -257,7 +270,8 @@ def aggregate_stack(
             total += normalised[picks[n]]
             sums[picks[: n + 1]] = total.clone() if n + 1 < len(picks) else total
         sums[picks] = total
-        out[k] = _minmax_last2(total / len(picks))
+        torch.div(total, len(picks), out=out[k])
+        _minmax_last2(out[k], out=out[k])
     return out
 
 
@@ -344,7 +358,7 @@ def iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
 def _mask_iou(a: torch.Tensor, b: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor) -> torch.Tensor:
     """IoU of bool masks ``a`` and ``b`` (broadcasting) whose areas are known: one AND and one count."""
-    inter = torch.count_nonzero((a & b).flatten(-2), dim=-1).float()
+    inter = (a & b).flatten(-2).sum(dim=-1, dtype=torch.int32).float()
     union = area_a + area_b - inter
     return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
 
@@ -356,7 +370,7 @@ def _iou_with_gt(flat: torch.Tensor, areas: torch.Tensor, gt: torch.Tensor) -> t
     for b in range(gt.shape[0]):
         idx = gt[b].nonzero().squeeze(1)
         if len(idx):
-            inter[:, :, b] = torch.count_nonzero(flat[:, :, b].index_select(-1, idx), dim=-1).float()
+            inter[:, :, b] = flat[:, :, b].index_select(-1, idx).sum(dim=-1, dtype=torch.int32).float()
     union = areas + gt.sum(dim=-1).float() - inter
     return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
 
@@ -501,7 +515,7 @@ def score_stacks(
         del normalised
         masks = make_masks(agg, rule, fraction=fraction)
         flat = masks.flatten(-2)
-        areas = torch.count_nonzero(flat, dim=-1).float()
+        areas = flat.sum(dim=-1, dtype=torch.int32).float()  # int32 sums: faster than count_nonzero
         if gt is not None:
             ious = _iou_with_gt(flat, areas, gt.to(masks.device).flatten(-2))
         else:
