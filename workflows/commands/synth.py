@@ -18,21 +18,23 @@ FORMAT_NAMES = ["mkt", "avi", "mp4", "png", "jpg", "tif", "tiff-stack"]
                    ".png/.jpg/.tif frames, or multi-page .tif stacks.")  # fmt: skip
 @click.option(
     "--classes",
-    default=2,
+    default=SynthConfig.classes,
     show_default=True,
     help="Number of classes (meningioma, glioblastoma, fibrous, sparse).",
 )
-@click.option("--patients", default=3, show_default=True, help="Patients per class.")
-@click.option("--videos", default=2, show_default=True, help="Videos per patient.")
-@click.option("--frames", default=16, show_default=True, help="Frames per video.")
-@click.option("--size", nargs=2, type=int, default=(160, 160), show_default=True, metavar="H W",
+@click.option("--patients", default=SynthConfig.patients, show_default=True, help="Patients per class.")
+@click.option("--videos", default=SynthConfig.videos, show_default=True, help="Videos per patient.")
+@click.option("--frames", default=SynthConfig.frames, show_default=True, help="Frames per video.")
+@click.option("--size", nargs=2, type=int, default=SynthConfig.size, show_default=True, metavar="H W",
               help="Frame size in pixels; the FOV's inscribed square is about 0.6 of it.")  # fmt: skip
 @click.option("--bit-depth", type=click.Choice(["8", "16"]), default=None,
               help="Pixel depth. Default: 16 for mkt (its only depth), 8 otherwise.")  # fmt: skip
-@click.option("--seed", default=0, show_default=True, help="Everything follows from this seed.")
+@click.option(
+    "--seed", default=SynthConfig.seed, show_default=True, help="Everything follows from this seed."
+)
 @click.option(
     "--mask-every",
-    default=1,
+    default=SynthConfig.mask_every,
     show_default=True,
     help="Write a ground-truth mask for every k-th meningioma frame.",
 )
