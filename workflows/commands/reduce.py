@@ -121,7 +121,7 @@ def command(
 
 
 def _print_summary(results: Path, summary: dict) -> None:
-    click.echo(f"Reduced {summary['videos']} video(s) into {summary['rows']} rows: {results / 'metrics'}")
+    click.echo(f"Reduced {summary['videos']} video(s) into {summary['rows']} rows: {summary['metrics']}")
     for failure in summary["failed_videos"]:
         click.echo(f"Failed: {failure['video_key']}: {failure['error_type']}: {failure['message']}", err=True)
     if summary["incomplete_videos"]:
