@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -39,3 +42,45 @@ def ray_local():
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def as_nobody():
+    """Run ``xrcam ARGS...`` (the real CLI, in a subprocess) as user nobody, to meet permission errors.
+
+    Yields ``.base``, a fresh world-readable folder in /tmp owned by root (nobody cannot write in it;
+    pytest's own folders are 0700), and ``.run(*args)`` -> ``subprocess.CompletedProcess`` (text).
+    Skipped unless the tests run as root and the virtual environment is readable by nobody.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a command as another user")
+    repo = Path(__file__).parents[1]
+    nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    probe = subprocess.run(
+        [*nobody, sys.executable, "-c", "import workflows.cli"], cwd=repo, capture_output=True
+    )
+    if probe.returncode:
+        pytest.skip("the virtual environment is not readable by user nobody")
+    base = Path(tempfile.mkdtemp(prefix="xrcam-nobody-", dir="/tmp"))
+    base.chmod(0o755)
+    home = base / "home"  # nobody's own: caches (matplotlib, torch) go there
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+
+    def run(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*nobody, sys.executable, "-m", "workflows.cli", *map(str, args)],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "HOME": str(home)},
+        )
+
+    try:
+        yield SimpleNamespace(base=base, run=run)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -265,53 +265,51 @@ def test_out_below_a_file_and_a_read_only_out_are_sentences(files, no_ray, tmp_p
         subprocess.run(["umount", str(readonly)], check=True)
 
 
-def test_permission_denied_is_a_sentence(files):
+def test_permission_denied_is_a_sentence(files, as_nobody):
     """`xrcam run` as user nobody into a folder owned by root: one sentence, exit 1."""
     import shutil
-    import tempfile
 
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run the command as another user")
-    repo = Path(__file__).parents[1]
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    probe = subprocess.run(
-        [*nobody, sys.executable, "-c", "import workflows.cli"], cwd=repo, capture_output=True
+    base = as_nobody.base
+    shutil.copytree(files["archive"], base / "archive")
+    (base / "locked").mkdir(mode=0o755)
+    out = base / "locked" / "results"
+    result = as_nobody.run(
+        "run", base / "archive", "--out", out, "--random-init", "0", "--model", "resnet18", "--no-progress"
     )
-    if probe.returncode:
-        pytest.skip("the virtual environment is not readable by user nobody")
-    base = Path(tempfile.mkdtemp(prefix="xrcam-perm-", dir="/tmp"))  # pytest's own folders are 0700
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{out}: permission denied" in result.stderr
+    assert not out.exists()
+
+
+def _one_sentence(result, *fragments: str) -> str:
+    """The last stderr line of a refused subprocess command: ``Error: ...`` with ``fragments``, exit 1."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+def test_synth_into_a_folder_it_cannot_write_is_a_sentence(as_nobody):
+    """`xrcam synth` as nobody below a root-owned folder, and into a read-only file system."""
+    locked = as_nobody.base / "locked"
+    locked.mkdir(mode=0o755)
+    small = ["--patients", "1", "--videos", "1", "--frames", "2", "--size", "64", "64"]
+    result = as_nobody.run("synth", locked / "archive", *small)
+    _one_sentence(result, str(locked / "archive"), "permission denied", "choose a folder you can write to")
+    assert not (locked / "archive").exists()
+    readonly = as_nobody.base / "ro"
+    readonly.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(readonly)]).returncode:
+        return  # no mounts here: the permission case above stands alone
     try:
-        base.chmod(0o755)
-        shutil.copytree(files["archive"], base / "archive")
-        (base / "locked").mkdir(mode=0o755)
-        result = subprocess.run(
-            [
-                *nobody,
-                sys.executable,
-                "-m",
-                "workflows.cli",
-                "run",
-                str(base / "archive"),
-                "--out",
-                str(base / "locked" / "results"),
-                "--random-init",
-                "0",
-                "--model",
-                "resnet18",
-                "--no-progress",
-            ],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, "HOME": str(base)},
-        )
-        assert result.returncode == 1, result.stderr
-        assert "Traceback" not in result.stderr
-        assert f"{base / 'locked' / 'results'}: permission denied" in result.stderr
-        assert not (base / "locked" / "results").exists()
+        result = CliRunner().invoke(main, ["synth", str(readonly / "archive"), *small])
+        _one_line_refusal(result, str(readonly / "archive"), "read-only", "writable disk")
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        subprocess.run(["umount", str(readonly)], check=True)
 
 
 def test_storage_errors_name_the_path_and_what_to_do():

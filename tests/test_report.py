@@ -225,6 +225,23 @@ def test_report_before_reduce_is_refused(tmp_path):
         build_report(tmp_path / "results")
 
 
+def test_cli_report_into_a_results_folder_it_cannot_write_is_a_sentence(as_nobody):
+    """`xrcam report` as user nobody on a root-owned results folder: one sentence naming it, exit 1."""
+    base = as_nobody.base
+    write_archive(
+        base / "archive", SynthConfig(patients=1, videos=1, frames=4, size=(96, 96), seed=3), fmt="png"
+    )
+    build_store_over_archive(base / "results", base / "archive")
+    reduce_results(base / "results", ReduceSettings(), workers=0)
+    subprocess.run(["chmod", "-R", "a+rX,go-w", str(base / "archive"), str(base / "results")], check=True)
+    result = as_nobody.run("report", base / "results", "--no-progress")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"Error: {base / 'results'}") and "permission denied" in message, message
+    assert not (base / "results" / "report.html").exists()
+
+
 def test_overlay_video_has_every_frame_exact_fps_labels_and_colour_bar(reduced, tmp_path):
     import av
 

@@ -14,13 +14,16 @@ boilerplate. Every command then has:
   shared ``XRCAM_<OPTION>`` (e.g. ``XRCAM_DEVICE``). ``XRCAM_ADDRESS`` is the one cluster address of
   every command that joins Ray.
 - the exit-code table (:data:`EXIT_CODES`): an :class:`xrcam.errors.XrcamError` escaping a command is
-  turned into a one-line ``Error: ...`` (exit 1), never a traceback.
+  turned into a one-line ``Error: ...`` (exit 1), never a traceback; so is an ``OSError`` (permission
+  denied, read-only or full disk, a path below a file), as :func:`xrcam.errors.storage_error`'s
+  sentence naming the path and what to do.
 
 Only click is imported here: ``xrcam --help`` stays free of torch and ray.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import tomllib
@@ -58,7 +61,8 @@ _REPLACED = frozenset({"RAY_ADDRESS"})
 EXIT_CODES = {
     0: "done",
     1: "finished with failures (some videos or shards failed; see the results folder) or a domain error "
-    "(bad input, refused resume, unreadable checkpoint): one line on stderr saying what to do",
+    "(bad input, refused resume, unreadable checkpoint, a path that cannot be written): one line on "
+    "stderr saying what to do",
     2: "usage error: unknown option, bad option value, bad --config key or value type",
 }
 _APPLIED = "__xrcam_conventions__"
@@ -139,9 +143,19 @@ def _domain_errors_exit_1(callback: Callable) -> Callable:
         try:
             return callback(*args, **kwargs)
         except XrcamError as exc:
-            raise click.ClickException(" ".join(str(exc).split())) from exc
+            raise click.ClickException(_sentence(exc)) from exc
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:  # output piped into `head`: click's own handling is right
+                raise
+            from xrcam.errors import storage_error
+
+            raise click.ClickException(_sentence(storage_error(exc))) from exc
 
     return wrapper
+
+
+def _sentence(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 def _config_option(path: tuple[str, ...]) -> click.Option:

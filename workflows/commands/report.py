@@ -83,22 +83,19 @@ def command(
     Example: xrcam report results/ --overlay-video meningioma__P01__V01.mkt --fps 7.5
     """
     from workflows.report import build_report, export_overlay_video, parse_fps
-    from xrcam.errors import XrcamError
 
-    try:
-        rate = parse_fps(fps) if video_key else None
-        options = ReportOptions(frames=frames, videos=videos, gallery=gallery)
-        path = build_report(results, out, options=options, progress=progress)
-        click.echo(f"Report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
-        if video_key:
-            video = export_overlay_video(
-                results,
-                video_key,
-                results / f"overlay_{video_key}.mp4",
-                method=method,
-                layer_set=layer_set,
-                fps=rate,
-            )
-            click.echo(f"Overlay video: {video} ({rate} fps)")
-    except XrcamError as exc:
-        raise click.ClickException(str(exc)) from exc
+    # an XrcamError or OSError escaping here is one sentence, exit 1 (workflows.commands.conventions)
+    rate = parse_fps(fps) if video_key else None
+    options = ReportOptions(frames=frames, videos=videos, gallery=gallery)
+    path = build_report(results, out, options=options, progress=progress)
+    click.echo(f"Report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if video_key:
+        video = export_overlay_video(
+            results,
+            video_key,
+            results / f"overlay_{video_key}.mp4",
+            method=method,
+            layer_set=layer_set,
+            fps=rate,
+        )
+        click.echo(f"Overlay video: {video} ({rate} fps)")

@@ -93,17 +93,12 @@ def command(progress: bool, **options) -> None:
       xrcam run --config run.toml --batch-size 8
     """
     from workflows.driver import run
-    from xrcam.errors import XrcamError, storage_error
 
-    try:
-        settings = RunSettings.resolve(
-            None, **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
-        )
-        summary = run(settings, progress=progress)
-    except XrcamError as exc:
-        raise click.ClickException(str(exc)) from exc
-    except OSError as exc:  # a file-system problem no layer below turned into a sentence
-        raise click.ClickException(str(storage_error(exc))) from exc
+    # an XrcamError or OSError escaping here is one sentence, exit 1 (workflows.commands.conventions)
+    settings = RunSettings.resolve(
+        None, **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+    )
+    summary = run(settings, progress=progress)
     _print_summary(summary)
     if not summary.ok:
         raise click.exceptions.Exit(1)
