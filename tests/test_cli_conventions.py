@@ -216,6 +216,21 @@ def test_an_xrcam_error_is_one_line_exit_1_not_a_traceback():
     assert runner.invoke(apply(finished_with_failures, ("f",)), []).exit_code == 1
 
 
+def test_an_os_error_is_one_line_naming_the_path_exit_1_not_a_traceback():
+    import errno
+
+    @click.command()
+    def writing() -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/results/report.html")
+
+    result = CliRunner().invoke(apply(writing, ("writing",)), [])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "Error: /data/results/report.html: permission denied; choose a folder you can write to or fix its "
+        "permissions"
+    )
+
+
 def test_a_real_domain_error_exits_1_with_one_line(tmp_path):
     """An empty archive given to `xrcam train`: the library's XrcamError, through the installed CLI."""
     empty = tmp_path / "empty"
@@ -236,6 +251,20 @@ def test_a_toml_array_fills_a_comma_separated_option(base, tmp_path):
     assert params["classes"] == ("meningioma", "glioblastoma")
 
 
+def test_run_and_train_share_the_one_classes_option(base, tmp_path):
+    """One definition (``conventions.classes_option``): the same parsing; run's help says it is required
+    for a checkpoint without a sidecar and is never guessed from folder names."""
+    config = _toml(tmp_path / "c.toml", 'classes = ["meningioma", "glioblastoma"]\n')
+    for path in (("run",), ("train",)):
+        assert _parsed(path, [*base[path], "--classes", " b, a ,"])["classes"] == ("b", "a")
+        assert _parsed(path, [*base[path], "--config", str(config)])["classes"] == (
+            "meningioma",
+            "glioblastoma",
+        )
+    help_text = " ".join(CliRunner().invoke(main, ["run", "--help"]).output.split())
+    assert "required for a checkpoint without one (never guessed from folder names)" in help_text
+
+
 def test_a_new_option_is_written_in_one_place(tmp_path, monkeypatch):
     """An option declared in a command file gets its TOML key, variables and help line from the convention."""
 
@@ -247,7 +276,11 @@ def test_a_new_option_is_written_in_one_place(tmp_path, monkeypatch):
     command = apply(fresh, ("fresh",))
     runner = CliRunner()
     help_text = runner.invoke(command, ["--help"]).output
-    assert "XRCAM_FRESH_WINDOW_SIZE" in help_text and "XRCAM_WINDOW_SIZE" in help_text and "--config" in help_text
+    assert (
+        "XRCAM_FRESH_WINDOW_SIZE" in help_text
+        and "XRCAM_WINDOW_SIZE" in help_text
+        and "--config" in help_text
+    )
     config = _toml(tmp_path / "f.toml", "[fresh]\nwindow-size = 5\n")
     assert runner.invoke(command, ["--config", str(config)]).output.strip() == "window 5"
     monkeypatch.setenv("XRCAM_FRESH_WINDOW_SIZE", "7")

@@ -117,12 +117,17 @@ def apply(command: click.Command, path: tuple[str, ...]) -> click.Command:
 
 
 def classes_option(**overrides: Any) -> Callable[[Callable], Callable]:
-    """The shared ``--classes`` option: class names in logit order, comma-separated -> tuple or ``None``."""
+    """The shared ``--classes`` option: class names in logit order, comma-separated -> tuple or ``None``.
+
+    The default help is that of a command reading weights (``run``); ``overrides`` go to ``click.option``
+    (``train`` defines the order itself, so it says so in its own ``help``).
+    """
     settings: dict[str, Any] = {
         "default": None,
         "callback": lambda ctx, param, value: _split_commas(value),
-        "help": "Comma-separated class names in the classifier's logit order "
-        "(default: the checkpoint's, else the sorted archive labels).",
+        "help": "Comma-separated class names in the model's logit order. Default: the checkpoint's "
+        "sidecar; required for a checkpoint without one (never guessed from folder names). With "
+        "--random-init (no checkpoint): the sorted archive labels.",
     }
     settings.update(overrides)
     return click.option("--classes", **settings)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from workflows.commands.conventions import classes_option
 from workflows.settings import RunSettings
 
 _DEFAULTS = RunSettings.__dataclass_fields__  # defaults shown in --help come from the dataclass
@@ -39,11 +40,7 @@ def _setting(name: str, help: str, **kwargs):
     help="No checkpoint: explain with random weights drawn from SEED (every worker builds the same "
     "ones; recorded in the store). For tests and demos: the maps then mean nothing.",
 )
-@click.option(
-    "--classes",
-    help="Comma-separated class names in the model's logit order. Required for a checkpoint without "
-    "a sidecar; with --random-init the sorted archive labels by default.",
-)
+@classes_option()
 @click.option(
     "--skip-unknown-labels",
     is_flag=True,
