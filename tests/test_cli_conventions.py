@@ -263,6 +263,7 @@ def test_run_and_train_share_the_one_classes_option(base, tmp_path):
         )
     help_text = " ".join(CliRunner().invoke(main, ["run", "--help"]).output.split())
     assert "required for a checkpoint without one (never guessed from folder names)" in help_text
+    assert "all registered, xrcam.list_methods()" in help_text
 
 
 def test_a_new_option_is_written_in_one_place(tmp_path, monkeypatch):

@@ -47,7 +47,7 @@ def _setting(name: str, help: str, **kwargs):
     default=None,
     help="Record videos whose label is not one of the classes as failures instead of refusing the run.",
 )
-@click.option("--methods", help="Comma-separated methods (default: all seven).")
+@click.option("--methods", help="Comma-separated methods (default: all registered, xrcam.list_methods()).")
 @_setting("--rules", "LRP rule preset of the relevance methods (reference, epsilon, alphabeta).")
 @_setting("--clrp", "CLRP start relevance: unit (published code) or logit (the paper's derivation).")
 @_setting("--layers", "Comma-separated stages of the model.")
