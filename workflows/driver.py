@@ -36,7 +36,7 @@ from workflows.store import ResultStore, VideoLayout, video_key
 from workflows.worker import Shard, ShardWorker
 from xrcam.errors import XrcamConfigError, XrcamError, XrcamStorageError, storage_error
 
-__all__ = ["RunSummary", "plan_shards", "run", "start_ray", "FAILPOINT_ENVVAR"]
+__all__ = ["RunSummary", "plan_shards", "run", "FAILPOINT_ENVVAR"]
 
 log = logging.getLogger(__name__)
 
@@ -92,34 +92,6 @@ def _covered(done: set[tuple[int, int]], start: int, stop: int) -> bool:
         if a <= position < b:
             position = b
     return position >= stop
-
-
-def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Deprecated (use :func:`workflows.ray_session.ray_session`): join ``address`` or start a local Ray.
-
-    Returns whether this call started Ray (and so should shut it down); an already running Ray
-    (tests, notebooks) is reused. Kept until ``reduce`` and the pipeline benchmark switch.
-    """
-    if not address:
-        # read by ray at import: the local node then uses 127.0.0.1 rather than an outward-facing IP
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default, set explicitly: no notice
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=True,
-        )
-    return True
 
 
 def run(
@@ -236,22 +208,11 @@ def _record(store: ResultStore, summary: RunSummary, settings: RunSettings) -> b
 
 
 def _ray(address: str | None):
-    """The Ray session of a run: :func:`workflows.ray_session.ray_session`, and for a Ray we start
-    locally, :func:`workflows.ray_guard.orphan_guard` so its processes die with this one."""
-    import contextlib
+    """The Ray session of a run: :func:`workflows.ray_session.ray_session` (which also puts a local Ray
+    it starts under :func:`workflows.ray_guard.orphan_guard`, so its processes die with this one)."""
+    from workflows.ray_session import ray_session
 
-    from workflows.ray_guard import orphan_guard
-    from workflows.ray_session import ray_session, resolve_address
-
-    @contextlib.contextmanager
-    def session():
-        import ray
-
-        local = not resolve_address(address) and not ray.is_initialized()
-        with orphan_guard(enabled=local), ray_session(address):
-            yield
-
-    return session()
+    return ray_session(address)
 
 
 class _Worker(ShardWorker):
