@@ -26,17 +26,20 @@ def ray_local():
     Code under test that calls ``ray.init`` only when ``ray.is_initialized()`` is false reuses it.
     """
     ray = pytest.importorskip("ray")
+    from workflows.ray_session import without_token_notice
+
     temp = Path(tempfile.mkdtemp(prefix="xrcam-ray-", dir="/tmp"))  # short: Ray's socket paths must fit
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=0,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        object_store_memory=128 * 1024**2,
-        _temp_dir=str(temp),
-        log_to_driver=True,
-    )
+    with without_token_notice():  # as for every local Ray of xrcam: Ray's default auth, without its notice
+        ray.init(
+            address="local",
+            num_cpus=2,
+            num_gpus=0,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            object_store_memory=128 * 1024**2,
+            _temp_dir=str(temp),
+            log_to_driver=True,
+        )
     try:
         yield temp
     finally:

@@ -89,3 +89,23 @@ def test_a_local_session_leaves_no_ray_process_behind():
     proc = subprocess.run([sys.executable, "-c", GUARDED], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MARKED True" in proc.stdout and "LEFT 0 False" in proc.stdout, proc.stdout
+
+
+def test_only_rays_token_notice_is_dropped(caplog):
+    """``without_token_notice`` (used by ray_session and the test session's ``ray_local``) filters Ray's
+    one informational line about token authentication, and nothing else."""
+    import logging
+
+    from workflows.ray_session import _TOKEN_LOGGER, without_token_notice
+
+    logger = logging.getLogger(_TOKEN_LOGGER)
+    with caplog.at_level(logging.INFO, logger=_TOKEN_LOGGER):
+        with without_token_notice():
+            logger.info("Token authentication is enabled for this Ray cluster. ...")
+            logger.warning("the token file cannot be read")
+        logger.info("Token authentication is enabled for this Ray cluster (after the block)")
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        "the token file cannot be read",
+        "Token authentication is enabled for this Ray cluster (after the block)",
+    ]

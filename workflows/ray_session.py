@@ -25,7 +25,14 @@ import os
 import sys
 from collections.abc import Iterator
 
-__all__ = ["ADDRESS_ENVVAR", "WORKER_SETUP_HOOK", "ray_session", "resolve_address", "tune_process"]
+__all__ = [
+    "ADDRESS_ENVVAR",
+    "WORKER_SETUP_HOOK",
+    "ray_session",
+    "resolve_address",
+    "tune_process",
+    "without_token_notice",
+]
 
 ADDRESS_ENVVAR = "XRCAM_ADDRESS"  # the one cluster-address variable of every command that joins Ray
 WORKER_SETUP_HOOK = f"{__name__}.tune_process"  # runs once in every Ray worker process of our jobs
@@ -84,10 +91,11 @@ class _TokenNotice(logging.Filter):
 
 
 @contextlib.contextmanager
-def _without_token_notice() -> Iterator[None]:
+def without_token_notice() -> Iterator[None]:
     """Drop Ray's notice that a new local cluster uses token authentication (its default, which we keep).
 
-    Only that one informational line is filtered; any other authentication warning still shows.
+    Only that one informational line is filtered; any other authentication warning still shows. For code
+    that must call ``ray.init`` itself (the test session's shared local Ray), wrap the call in it.
     """
     notice = _TokenNotice()
     logger = logging.getLogger(_TOKEN_LOGGER)
@@ -141,7 +149,7 @@ def ray_session(
                 "log_to_driver": True,
                 "runtime_env": {"worker_process_setup_hook": WORKER_SETUP_HOOK},
             }
-            with _without_token_notice():
+            with without_token_notice():
                 if address:
                     ray.init(address=address, **common)
                 else:
