@@ -151,15 +151,17 @@ def test_unreadable_and_missing_checkpoints(tmp_path):
         xrcam.load_model("resnet18", checkpoint=tmp_path / "list.pt")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "skresnext50_32x4d"])
+@pytest.mark.parametrize("name", SUPPORTED_MODELS)
 def test_stage_names_read_from_the_model_input_side_first(name):
+    """Read from the model; ``run``'s one default stage list (``DEFAULT_LAYERS``) is every supported model's."""
     import timm
 
+    from workflows.settings import DEFAULT_LAYERS
     from xrcam.models import stage_names
 
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False, num_classes=2)
-    assert stage_names(model) == ("layer1", "layer2", "layer3", "layer4")
+    assert stage_names(model) == ("layer1", "layer2", "layer3", "layer4") == DEFAULT_LAYERS
     plain = nn.Sequential()
     plain.add_module("layer2", nn.Identity())
     plain.add_module("layer10", nn.Identity())

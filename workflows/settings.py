@@ -18,6 +18,10 @@ from xrcam.errors import XrcamConfigError
 
 __all__ = ["RunSettings", "DEFAULT_LAYERS", "load_toml", "coerce_settings"]
 
+#: The one named stage list: ``--layers``' default, needed before any model is built (``--help``, the
+#: settings recorded in a store). Everything else reads the stages from the model
+#: (:func:`xrcam.models.stage_names`); preflight checks these against them, and every supported model has
+#: exactly these (tests/test_models.py).
 DEFAULT_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
 

@@ -33,7 +33,6 @@ from xrcam.errors import XrcamCheckpointError, XrcamConfigError
 
 __all__ = [
     "SUPPORTED_MODELS",
-    "STAGES",
     "stage_names",
     "load_model",
     "add_stage_dropout",
@@ -57,7 +56,6 @@ SUPPORTED_MODELS = (
     "skresnet18",
     "skresnet34",
 )
-STAGES = ("layer1", "layer2", "layer3", "layer4")
 _STAGE_NAME = re.compile(r"^layer\d+$")
 
 
