@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from workflows.report.sections import label as report_label
 from xrcam import explain, metrics, scoring
 
 
@@ -30,6 +31,8 @@ def test_a_new_relevance_method_is_one_registered_function(registry):
 
     assert "meanrelevance" in explain.list_methods("relevance")
     assert explain.method_title("meanrelevance") == "MeanRelevanceCAM"
+    assert report_label("meanrelevance") == "MeanRelevanceCAM"  # the report reads the registered title
+    assert report_label("inverted_meanrelevance") == "MeanRelevanceCAM inverted (sign check)"
     assert explain.default_relu("meanrelevance") is False
     assert scoring.default_relu("meanrelevance") is False
     assert metrics.score_function("meanrelevance") is metrics.contrastive_score

@@ -112,6 +112,17 @@ def test_miou_cells_are_bootstrapped_over_patients_and_count_only_scored_frames(
     assert cell["hi"] - cell["lo"] > 10  # patients differ by 10 points: the interval is wide, not frame-level
 
 
+def test_display_names_of_methods_come_from_the_registry_and_references_keep_theirs():
+    from workflows.report.sections import label
+    from xrcam.explain import list_methods, method_title
+
+    assert [label(m) for m in list_methods()] == [method_title(m) for m in list_methods()]
+    assert label("gradcampp") == "GradCAM++"
+    assert label("oracle") == "oracle (GT pooled to the grid: ceiling)"
+    assert label("inverted_xrelevancecam") == "XRelevanceCAM inverted (sign check)"
+    assert label("not_a_method") == "not_a_method"
+
+
 def test_paper_table_marks_the_best_method_and_keeps_references_apart():
     index = pd.MultiIndex.from_tuples(
         [("gradcam", "1"), ("xrelevancecam", "1"), ("oracle", "1"), ("random", "1")]

@@ -14,19 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from xrcam.explain import method_title
 from xrcam.uncertainty import bootstrap_ci
 
 PRIMARY = "xrelevancecam"
 REFERENCES = ("oracle", "intensity", "centre", "random")  # ceiling first, chance last
 INVERTED_PREFIX = "inverted_"
+# display names of the reference rows; a method's comes from its registration (xrcam.explain.method_title)
 NAMES = {
-    "gradcam": "GradCAM",
-    "gradcampp": "GradCAM++",
-    "xgradcam": "XGradCAM",
-    "hirescam": "HiResCAM",
-    "layercam": "LayerCAM",
-    "relevancecam": "RelevanceCAM",
-    "xrelevancecam": "XRelevanceCAM",
     "oracle": "oracle (GT pooled to the grid: ceiling)",
     "intensity": "inverted intensity (darkness)",
     "centre": "centre prior",
@@ -45,10 +40,10 @@ def esc(value) -> str:
 
 
 def label(name: str) -> str:
-    """Display name of a method or reference row."""
+    """Display name of a method (its registered title) or reference row; other names unchanged."""
     if name.startswith(INVERTED_PREFIX):
         return f"{label(name.removeprefix(INVERTED_PREFIX))} inverted (sign check)"
-    return NAMES.get(name, name)
+    return NAMES[name] if name in NAMES else method_title(name)
 
 
 def short_label(name: str) -> str:
