@@ -287,3 +287,14 @@ def test_reference_rows_go_through_the_same_steps(monkeypatch):
     assert scores.iou.shape == (2, 3, 3)
     assert (scores.iou[1, 2] > 0.5).all()  # with the fine stages the oracle localises the ground truth
     assert (scores.iou[:, 2] > scores.iou[:, 1]).all()
+
+
+def test_mean_std_threshold_equals_torch_std_bit_for_bit():
+    from xrcam.scoring import thresholds
+
+    g = torch.Generator().manual_seed(5)
+    maps = torch.rand((40, 230, 230), generator=g) ** 3  # skewed, like normalised saliency maps
+    maps[3] = 0.25  # a constant map: std 0
+    flat = maps.flatten(1)
+    expected = flat.mean(dim=1) + flat.std(dim=1, correction=0)
+    assert torch.equal(thresholds(maps, "mean+std"), expected)
