@@ -298,3 +298,16 @@ def test_mean_std_threshold_equals_torch_std_bit_for_bit():
     flat = maps.flatten(1)
     expected = flat.mean(dim=1) + flat.std(dim=1, correction=0)
     assert torch.equal(thresholds(maps, "mean+std"), expected)
+
+
+@pytest.mark.parametrize("n", [7, 2040, 52900, 4 * 2040 + 1])
+def test_mask_counts_equal_count_nonzero(n):
+    from xrcam.scoring import _count
+
+    g = torch.Generator().manual_seed(n)
+    masks = torch.rand((3, 5, n), generator=g) > 0.3
+    masks[0, 0] = True  # every pixel set: more than 255 ones in every byte lane
+    masks[0, 1] = False
+    assert torch.equal(_count(masks), masks.count_nonzero(dim=-1).float())
+    wide = masks[:1, :1].expand(2, 5, n)  # an expanded, non-contiguous view
+    assert torch.equal(_count(wide), wide.count_nonzero(dim=-1).float())

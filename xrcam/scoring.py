@@ -375,9 +375,23 @@ def iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
 
 def _count(flat: torch.Tensor) -> torch.Tensor:
-    """Number of True values along the last dim of a bool tensor, as float32 (a uint8 view summed
-    into int32: faster than a bool sum or ``count_nonzero``; exact below 2**31)."""
-    return flat.view(torch.uint8).sum(dim=-1, dtype=torch.int32).float()
+    """Number of True values along the last dim of a bool tensor ``(..., N)``, as float32 (exact).
+
+    The bytes are summed as int64 words, 255 words at a time, so each byte lane holds a count of at
+    most 255 and never carries into its neighbour; then the lanes are summed. About 10x faster than
+    a bool or uint8 sum on CPU (one masks pass of a 230-px batch: 57 ms -> 5 ms).
+    """
+    lead, n = flat.shape[:-1], flat.shape[-1]
+    rows = flat.reshape(-1, n)
+    block = 8 * 255
+    width = -(-n // block) * block
+    if not rows.shape[0] or n < block:
+        return rows.view(torch.uint8).sum(dim=-1, dtype=torch.int32).float().reshape(lead)
+    padded = rows.new_zeros((rows.shape[0], width), dtype=torch.uint8)
+    padded[:, :n] = rows.view(torch.uint8)
+    words = padded.view(torch.int64).view(rows.shape[0], -1, 255).sum(dim=-1)  # each byte lane <= 255
+    counts = words.view(torch.uint8).view(rows.shape[0], -1).sum(dim=-1, dtype=torch.int32)
+    return counts.float().reshape(lead)
 
 
 def _mask_iou(a: torch.Tensor, b: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor) -> torch.Tensor:
