@@ -334,9 +334,12 @@ def _std(flat: torch.Tensor, mean: torch.Tensor, *, rows: int = 16) -> torch.Ten
     """
     out = torch.empty(flat.shape[0], dtype=torch.float64, device=flat.device)
     shift = mean.double()[:, None]
+    # one float64 buffer for every block: a fresh multi-MB temporary per block would be mapped and
+    # page-faulted anew each time under the 1 MiB mmap threshold the reduce workers run with
+    buffer = torch.empty((min(rows, flat.shape[0]), flat.shape[1]), dtype=torch.float64, device=flat.device)
     for i in range(0, flat.shape[0], rows):
-        d = flat[i : i + rows].double().sub_(shift[i : i + rows])
-        out[i : i + rows] = torch.linalg.vecdot(d, d)
+        d = torch.sub(flat[i : i + rows], shift[i : i + rows], out=buffer[: min(rows, flat.shape[0] - i)])
+        torch.linalg.vecdot(d, d, out=out[i : i + rows])
     return out.div_(flat.shape[1]).sqrt_().float()
 
 
