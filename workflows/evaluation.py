@@ -65,13 +65,13 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         from xrcam.references import REFERENCES
-        from xrcam.scoring import format_layer_set
+        from xrcam.scoring import format_layer_set, parse_threshold
 
         object.__setattr__(self, "layer_sets", tuple(format_layer_set(s) for s in self.layer_sets))
         unknown = [r for r in self.references if r not in REFERENCES]
         if unknown:
             raise XrcamConfigError(f"unknown reference rows {unknown}; choose from {list(REFERENCES)}")
-        _parse_threshold(self.threshold)
+        parse_threshold(self.threshold)  # the spelling of `xrcam reduce --threshold`
         for name in ("sample_frames", "chunk_size"):
             if getattr(self, name) < 1:
                 raise XrcamConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -79,13 +79,6 @@ class EvalOptions:
             raise XrcamConfigError(f"mc_samples must be 0 (off) or at least 2, got {self.mc_samples}")
         if self.max_frames is not None and self.max_frames < 1:
             raise XrcamConfigError(f"max_frames must be a positive integer, got {self.max_frames}")
-
-
-def _parse_threshold(text: str) -> tuple[str, float]:
-    """Same spelling as ``xrcam reduce --threshold``: ``mean+std``, ``fraction:0.5``, ``otsu``."""
-    from xrcam.scoring import parse_threshold
-
-    return parse_threshold(text)
 
 
 @dataclass

@@ -46,7 +46,6 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from workflows.tables import FAILURE_COLUMNS, FAILURES_NAME
 from xrcam import __version__
 from xrcam.errors import XrcamConfigError
 
@@ -54,8 +53,6 @@ __all__ = [
     "STORE_FORMAT",
     "MAPS_NAME",
     "RUN_NAME",
-    "FAILURES_NAME",
-    "FAILURE_COLUMNS",
     "VideoLayout",
     "ResultStore",
     "video_key",

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from xrcam.errors import XrcamConfigError
 
 __all__ = [
-    "RELEVANCE_METHODS",
     "STANDARD_LAYER_SETS",
     "THRESHOLD_RULES",
     "INVERTED_PREFIX",
@@ -73,27 +72,18 @@ INVERTED_PREFIX = "inverted_"
 _EPS = 1e-8
 
 
-def _relevance_methods() -> frozenset[str]:
-    from xrcam.explain import list_methods
-
-    return frozenset(list_methods("relevance"))
-
-
-#: Methods whose maps come from LRP relevance (from the explainer's registry).
-RELEVANCE_METHODS = _relevance_methods()
-
-
 def default_relu(method: str) -> bool:
-    """Whether ``method`` rectifies its map before normalising (SPEC §5).
+    """Whether ``method`` rectifies its map before normalising (SPEC §5): :func:`xrcam.explain.default_relu`.
 
     The gradient family does (as its papers and peer libraries do); the relevance family does not
     (as the published XRelevanceCAM code does), so negative relevance stays at the bottom of the
-    scale. The family is read from :func:`xrcam.explain.list_methods`; names that are not registered
-    methods (reference maps, ``inverted_<method>`` sign checks) are not rectified.
+    scale. Names that are not registered methods (reference maps, ``inverted_<method>`` sign checks)
+    are not rectified. The explainer's registry is the only source; it is imported on first use, so
+    importing this module stays light.
     """
-    from xrcam.explain import list_methods
+    from xrcam.explain import default_relu as family_default
 
-    return method in list_methods("gradient")
+    return family_default(method)
 
 
 def parse_threshold(text: str) -> tuple[str, float]:
