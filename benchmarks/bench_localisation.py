@@ -49,14 +49,10 @@ def cpu_seconds() -> float:
 
 
 def _post():
-    """The SPEC §5 post-processing functions: H1's xrcam.scoring once it has them, else xrcam.postprocess."""
-    try:
-        from xrcam import scoring as post
+    """The SPEC §5 post-processing functions (the scoring core that reduce and evaluate use)."""
+    from xrcam import scoring
 
-        post.normalize, post.aggregate, post.make_masks, post.iou  # noqa: B018
-    except (ImportError, AttributeError):
-        from xrcam import postprocess as post
-    return post
+    return scoring
 
 
 def test_frames(root: Path, data, split_rows, frame_step: int):
