@@ -162,7 +162,7 @@ def reduce_video(
 
     from workflows import tables
     from workflows.store import ResultStore
-    from xrcam.scoring import score_stacks
+    from xrcam.scoring import release_scratch, score_stacks
 
     if not isinstance(settings, ReduceSettings):
         settings = ReduceSettings.from_dict(settings)
@@ -243,6 +243,7 @@ def reduce_video(
                 _collect(
                     parts, base, picked, ref.methods, sets, ref.iou.numpy(), ref.mask_area.numpy(), size, True
                 )
+    release_scratch()  # the scoring core's reused batch buffers: held per video, not per process
     by_name: dict[str, list[pa.Table]] = {}
     for (name, _k), chunks in sorted(parts.items(), key=lambda item: item[0][1]):  # layer set, then frame
         by_name.setdefault(name, []).extend(chunks)
