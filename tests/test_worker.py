@@ -185,3 +185,12 @@ def test_split_follows_the_checkpoint_sidecar(archive, tmp_path):
         None, archive=str(root / "archive"), out=str(tmp_path), checkpoint=str(checkpoint), split="test"
     )
     assert [e.video_id for e in _split_entries(entries, settings)] == [test_video]
+
+
+def test_error_records_carry_the_frame_where_the_exception_names_one():
+    from workflows.worker import _error
+    from xrcam.errors import XrcamInputError
+
+    bad_mask = _error(XrcamInputError("a/v.mkt", "mask is not binary", frame=3))
+    assert bad_mask["frame"] == 3 and bad_mask["error_type"] == "XrcamInputError"
+    assert "frame" not in _error(ValueError("no frame here"))

@@ -119,13 +119,13 @@ class ShardWorker:
     def describe(self, entry) -> dict[str, Any]:
         """Open a video, detect its crop and work out the shape of everything stored for it.
 
-        Returns ``{"layout": VideoLayout | None, "error": None | {"error_type", "message"}}``.
+        Returns ``{"layout": VideoLayout | None, "error": None | {"error_type", "message"[, "frame"]}}``.
         """
         try:
             return {"layout": self._describe(entry), "error": None}
         except Exception as exc:  # recorded by the driver; the run carries on with the other videos
             log.warning("%s: %s: %s", entry.video_id, type(exc).__name__, exc)
-            return {"layout": None, "error": {"error_type": type(exc).__name__, "message": str(exc)}}
+            return {"layout": None, "error": _error(exc)}
 
     def _describe(self, entry) -> VideoLayout:
         from xrcam.frames import open_preprocessor
@@ -158,23 +158,10 @@ class ShardWorker:
 
     def _stage_shapes(self, size: tuple[int, int]) -> dict[str, tuple[int, int]]:
         """Spatial size of each explained stage for inputs of ``size`` (one forward pass, cached)."""
-        import torch
+        from xrcam.hooks import stage_shapes
 
         if size not in self._map_shapes:
-            shapes: dict[str, tuple[int, int]] = {}
-            hooks = [
-                self.model.get_submodule(layer).register_forward_hook(
-                    lambda _m, _i, out, layer=layer: shapes.__setitem__(layer, tuple(out.shape[-2:]))
-                )
-                for layer in self.layers
-            ]
-            try:
-                with torch.no_grad():
-                    self.model(torch.zeros(1, 3, *size, device=self.device))
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            self._map_shapes[size] = {layer: shapes[layer] for layer in self.layers}
+            self._map_shapes[size] = stage_shapes(self.model, size, self.layers, device=self.device)
         return self._map_shapes[size]
 
     # ----------------------------------------------------------------- per shard
@@ -195,7 +182,7 @@ class ShardWorker:
             manifest["frames"] = self._process(shard)
         except Exception as exc:  # one bad video must not stop the run: the driver records it
             log.warning("shard %d of %s failed: %s: %s", shard.index, shard.video_id, type(exc).__name__, exc)
-            manifest["error"] = {"error_type": type(exc).__name__, "message": str(exc)}
+            manifest["error"] = _error(exc)
         manifest["seconds"] = time.perf_counter() - started
         manifest["cpu_seconds"] = time.process_time() - cpu_started  # all threads of the worker process
         manifest["batch_size"] = self.batch_size
@@ -336,3 +323,12 @@ def _put_until(
         except queue.Full:
             if (alive is not None and not alive.is_alive()) or (stop is not None and stop.is_set()):
                 return False
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    """The error record of a failed video or shard; ``frame`` where the exception names one (e.g. a bad mask)."""
+    error: dict[str, Any] = {"error_type": type(exc).__name__, "message": str(exc)}
+    frame = getattr(exc, "frame", None)
+    if frame is not None:
+        error["frame"] = int(frame)
+    return error
