@@ -328,3 +328,13 @@ def test_reduce_on_local_ray_matches_serial(results, ray_local):
     serial = results_api.open(results).metrics()
     reduce_results(results, settings, workers=2)
     pd.testing.assert_frame_equal(serial, results_api.open(results).metrics())
+
+
+def test_library_refuses_a_store_without_complete_videos(tmp_path):
+    from xrcam.errors import XrcamConfigError
+
+    store = build_store(tmp_path / "r", videos=1)
+    store.video(store.video_keys()[0]).attrs.update({"complete": False})
+    with pytest.raises(XrcamConfigError, match="no complete video"):
+        reduce_results(tmp_path / "r", _settings(), workers=0)
+    assert not (tmp_path / "r" / "metrics").exists()  # nothing written from nothing

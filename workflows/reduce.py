@@ -506,6 +506,11 @@ def reduce_results(
         keys = store.video_keys()
         complete = [k for k in keys if store.is_complete(k)]
         incomplete = sorted(set(keys) - set(complete))
+        if not complete:  # all-NaN tables would look like results
+            raise XrcamConfigError(
+                f"{results}: no complete video to reduce ({len(incomplete)} incomplete); run or resume "
+                f"`xrcam run` into this folder first"
+            )
         if incomplete:
             log.warning(
                 "%d video(s) are not complete and are left out; resume `xrcam run` first", len(incomplete)

@@ -96,7 +96,7 @@ def command(
         click.echo(
             f"Nothing to reduce: {results} holds no complete video yet; run or resume `xrcam run` first."
         )
-        raise click.exceptions.Exit(1 if store.video_keys() else 0)
+        raise click.exceptions.Exit(1)  # refused: no tables are written from nothing
     from tqdm import tqdm
 
     bar = None
