@@ -39,7 +39,7 @@ def test_evaluate_writes_consistent_tables(archive, tmp_path):
     for name in (
         "table1_layer_miou",
         "table2_layerset_miou",
-        "table3_dropout_miou",
+        "summary/table3_dropout_miou",  # where every summary table lives: the read API finds it
         "table4_axioms",
         "sanity",
     ):
@@ -77,7 +77,9 @@ def test_evaluate_writes_consistent_tables(archive, tmp_path):
             assert cell["ci_lo_pct"] <= cell["miou_pct"] <= cell["ci_hi_pct"]
     table2 = pd.read_parquet(out / "table2_layerset_miou.parquet")
     assert list(dict.fromkeys(table2["layer_set"])) == ["4", "4+3", "4+3+2", "4+3+2+1"]  # one Table 2 definition
-    table3 = pd.read_parquet(out / "table3_dropout_miou.parquet")
+    from workflows.tables import read_table
+
+    table3 = read_table(out, "table3")  # what workflows.results.open(out).table("table3") reads
     assert set(table3["dropout"]) == {"on", "off"} and "ci_lo_pct" in table3
 
     axioms = pd.read_parquet(out / "axioms.parquet")
@@ -121,3 +123,20 @@ def test_evaluate_explains_what_to_do_on_bad_options(archive, tmp_path):
     assert result.exit_code != 0 and "layer set" in result.output
     result = _evaluate(archive, "--model", "resnet18", "--threshold", "median", "--out", tmp_path)
     assert result.exit_code != 0 and "threshold" in result.output
+
+
+def test_table3_lives_in_the_summary_and_survives_a_rerun_of_reduce(tmp_path):
+    from reduce_helpers import build_store
+
+    from workflows import tables
+    from workflows.evaluation import write_tables
+    from workflows.reduce import ReduceSettings, reduce_results
+
+    root = tmp_path / "r"
+    build_store(root, videos=1)
+    table3 = pd.DataFrame({"method": ["gradcam"], "dropout": ["on"], "miou_pct": [12.5]})
+    write_tables({"table3_dropout_miou": table3}, root, {"evaluate": {}})
+    assert (root / "summary" / "table3_dropout_miou.parquet").is_file()
+    reduce_results(root, ReduceSettings(references=(), layer_sets=("4",)), workers=0)
+    assert tables.read_table(root, "table3")["miou_pct"].tolist() == [12.5]
+    assert "table3" in tables.table_names(root)

@@ -419,12 +419,19 @@ def write_tables(
     """Write every table as Parquet and CSV into ``out`` (plus ``evaluate.json`` with the settings).
 
     ``axioms.parquet`` (per frame: :data:`workflows.tables.AXIOM_COLUMNS`) is what ``xrcam reduce``
-    reads to add Table 4 and the axiom columns when ``out`` is a results folder.
+    reads to add Table 4 and the axiom columns when ``out`` is a results folder. The tables only
+    evaluate makes (:data:`workflows.tables.EVALUATE_TABLES`: Table 3) go where every summary table
+    goes, ``out/summary/``, so ``workflows.results.open(out).table("table3")`` finds them.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, df in tables.items():
+        if name in tables_lib.EVALUATE_TABLES:
+            path = tables_lib.write_evaluate_table(out, name, df, {"evaluate_settings": settings or {}})
+            df.to_csv(path.with_suffix(".csv"), index=False)
+            written += [path, path.with_suffix(".csv")]
+            continue
         for suffix, write in (
             (".parquet", lambda p, d=df: d.to_parquet(p, index=False)),
             (".csv", lambda p, d=df: d.to_csv(p, index=False)),

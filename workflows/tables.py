@@ -42,6 +42,8 @@ __all__ = [
     "METRICS_DIR",
     "AGREEMENT_DIR",
     "SUMMARY_DIR",
+    "EVALUATE_TABLES",
+    "write_evaluate_table",
     "REDUCE_NAME",
     "AXIOMS_NAME",
     "METRIC_SCHEMA",
@@ -351,6 +353,20 @@ TABLES = {
 }
 
 
+#: Summary tables that only ``xrcam evaluate`` makes (Monte-Carlo dropout needs the model); written
+#: into the same ``RESULTS/summary/`` by :func:`write_evaluate_table` and kept by :func:`summarise`.
+EVALUATE_TABLES = ("table3_dropout_miou",)
+
+
+def write_evaluate_table(root: str | Path, name: str, df, metadata: Mapping[str, Any]) -> Path:
+    """Write ``evaluate``'s summary table ``name`` (one of :data:`EVALUATE_TABLES`) beside reduce's."""
+    if name not in EVALUATE_TABLES:
+        raise XrcamConfigError(f"{name!r} is not a table evaluate adds to the summary; use {EVALUATE_TABLES}")
+    folder = Path(root) / SUMMARY_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return _write_table(df, folder / f"{name}.parquet", {**metadata, "table": name})
+
+
 def table_names(root: str | Path) -> list[str]:
     folder = Path(root) / SUMMARY_DIR
     stems = {p.stem for p in folder.glob("*.parquet")}
@@ -597,5 +613,9 @@ def summarise(root: str | Path) -> dict[str, Path]:
         frames["agreement_summary"] = agreement_summary(read_agreement(root))
     for name, df in frames.items():
         _write_table(df, tmp / f"{name}.parquet", {**metadata, "table": name})
+    for name in EVALUATE_TABLES:  # evaluate's tables survive a rerun of reduce
+        kept = root / SUMMARY_DIR / f"{name}.parquet"
+        if kept.exists():
+            shutil.copy2(kept, tmp / kept.name)
     _replace(tmp, root / SUMMARY_DIR)
     return {name: root / SUMMARY_DIR / f"{name}.parquet" for name in frames}
