@@ -149,6 +149,10 @@ def test_maps_and_masks_are_the_scoring_core_on_the_stored_maps(run):
         threshold = maps[method].reshape(2, -1)
         expected = maps[method] > (threshold.mean(1) + threshold.std(1))[:, None, None]
         assert (masks[method] == expected).mean() > 0.999
+    both_maps, both_masks = res.maps_and_masks(key, [0, 1], "4+3+2+1")  # one scoring pass, same arrays
+    for method in METHODS:
+        np.testing.assert_array_equal(both_maps[method], maps[method])
+        np.testing.assert_array_equal(both_masks[method], masks[method])
     fraction = res.masks(key, [0], "4", threshold="fraction:0.9")["gradcam"]
     assert fraction.sum() < res.masks(key, [0], "4")["gradcam"].sum() or fraction.sum() == 0
     with pytest.raises(KeyError):
@@ -167,5 +171,8 @@ def test_metrics_filters_prune_and_tables_carry_reference_rows(run):
     assert {"random", "centre", "oracle", "intensity", "inverted_xrelevancecam"} <= set(t2["method"])
     assert t2[t2.method == "oracle"]["is_reference"].all()
     assert isinstance(res.table("agreement"), pd.DataFrame)
+    rows = res.agreement(method="gradcam", layer_set="4")  # the per-frame agreement table, filtered
+    assert len(rows) and set(rows["method"]) == {"gradcam"} and set(rows["against"]) == {"xrelevancecam"}
+    assert rows["mask_iou"].between(0, 1).all() and set(rows["frame"]) <= set(res.metrics()["frame"])
     with pytest.raises(xrcam.XrcamConfigError, match="no table"):
         res.table("table9")

@@ -99,6 +99,14 @@ class Results:
 
         return tables.read_metrics(self.root, columns=columns, **filters)
 
+    def agreement(self, columns: Sequence[str] | None = None, **filters: Any):
+        """Per-frame method agreement rows (``mask_iou``, ``rank_corr`` of each method ``against``
+        XRelevanceCAM per frame and layer set) as a DataFrame; ``filters`` as in :meth:`metrics`
+        (e.g. ``res.agreement(method="gradcam", layer_set="4")``)."""
+        from workflows import tables
+
+        return tables.read_agreement(self.root, columns=columns, **filters)
+
     def table(self, name: str):
         """A summary table by name: ``table1``, ``table2``, ``table3``, ``table4``, ``accuracy_per_class``,
         ``accuracy_per_patient``, ``agreement``, ``miou`` (long form), ... (see :data:`tables.TABLES`)."""
@@ -205,3 +213,16 @@ class Results:
         unless ``threshold`` is given)."""
         scores = self._scores(key, positions, layer_set, methods, threshold)
         return {m: scores.masks[0, i].numpy() for i, m in enumerate(scores.methods)}
+
+    def maps_and_masks(
+        self,
+        key: str,
+        positions: Sequence[int] | int | None,
+        layer_set: str,
+        methods: Sequence[str] | None = None,
+        threshold: str | None = None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``(maps, masks)`` as :meth:`maps` and :meth:`masks` give them, from one scoring pass."""
+        scores = self._scores(key, positions, layer_set, methods, threshold)
+        maps = {m: scores.maps[0, i].numpy() for i, m in enumerate(scores.methods)}
+        return maps, {m: scores.masks[0, i].numpy() for i, m in enumerate(scores.methods)}
