@@ -123,6 +123,10 @@ def test_evaluate_explains_what_to_do_on_bad_options(archive, tmp_path):
     assert result.exit_code != 0 and "layer set" in result.output
     result = _evaluate(archive, "--model", "resnet18", "--threshold", "median", "--out", tmp_path)
     assert result.exit_code != 0 and "threshold" in result.output
+    result = _evaluate(archive, "--model", "resnet18", "--rules", "nonsense", "--out", tmp_path)
+    assert result.exit_code == 2 and "reference" in result.output  # the registered composites are listed
+    result = _evaluate(archive, "--model", "resnet18", "--classes", "one", "--random-init", 1, "--out", tmp_path)
+    assert result.exit_code != 0 and "two distinct classes" in result.output
 
 
 def test_table3_lives_in_the_summary_and_survives_a_rerun_of_reduce(tmp_path):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from workflows.commands.conventions import classes_option
+
 
 def _csv(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(p.strip() for p in text.split(",") if p.strip())
@@ -22,6 +24,14 @@ def _csv(text: str | None) -> tuple[str, ...] | None:
     default=None,
     help="Weights (model.pt from `xrcam train`); its sidecar sets model, classes, dropout, preprocessing.",
 )
+@click.option(
+    "--random-init",
+    type=click.IntRange(min=0),
+    metavar="SEED",
+    default=None,
+    help="No checkpoint: score random weights drawn from SEED, the ones `xrcam run --random-init SEED` explained.",
+)
+@classes_option()
 @click.option("--methods", default=None, help="Comma-separated methods [default: all registered].")
 @click.option(
     "--layers",
@@ -92,10 +102,9 @@ def _csv(text: str | None) -> tuple[str, ...] | None:
 @click.option("--crop", default=None, help="Manual crop x,y,size instead of FOV detection.")
 @click.option(
     "--rules",
-    type=click.Choice(["reference", "epsilon", "alphabeta"]),
     default="reference",
     show_default=True,
-    help="LRP preset of the relevance family.",
+    help="LRP composite of the relevance family: a name registered in xrcam.lrp (list_composites()).",
 )
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Frames per pass."
@@ -119,6 +128,8 @@ def command(
     archive: Path,
     model: str | None,
     checkpoint: Path | None,
+    random_init: int | None,
+    classes: tuple[str, ...] | None,
     methods: str | None,
     layers: str,
     layer_sets: str,
@@ -160,14 +171,23 @@ def command(
     from workflows.settings import RunSettings
     from xrcam import __version__
     from xrcam.errors import XrcamError
+    from xrcam.lrp import list_composites
     from xrcam.models import file_sha256
 
+    if rules not in list_composites():
+        raise click.BadParameter(
+            f"{rules!r}: choose one of {', '.join(list_composites())}", param_hint="--rules"
+        )
+    if checkpoint and random_init is not None:
+        raise click.UsageError("give either --checkpoint or --random-init SEED, not both")
     try:
         run = RunSettings.resolve(
             archive=str(archive),
             out=str(out),
             model=model,
             checkpoint=str(checkpoint) if checkpoint else None,
+            random_init=random_init,
+            classes=classes,
             methods=_csv(methods),
             layers=tuple(f"layer{p}" if p.isdigit() else p for p in _csv(layers) or ()),
             dropout=dropout,
