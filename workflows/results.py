@@ -198,8 +198,7 @@ class Results:
     ) -> dict[str, np.ndarray]:
         """``{method: (n, S, S) float32}``: normalised maps aggregated over ``layer_set`` (e.g. ``"4+3"``),
         derived from the stored per-stage maps by :mod:`xrcam.scoring`, on the crop grid."""
-        scores = self._scores(key, positions, layer_set, methods, None)
-        return {m: scores.maps[0, i].numpy() for i, m in enumerate(scores.methods)}
+        return self.maps_and_masks(key, positions, layer_set, methods)[0]
 
     def masks(
         self,
@@ -211,8 +210,7 @@ class Results:
     ) -> dict[str, np.ndarray]:
         """``{method: (n, S, S) bool}``: the saliency masks scored by ``xrcam reduce`` (its threshold
         unless ``threshold`` is given)."""
-        scores = self._scores(key, positions, layer_set, methods, threshold)
-        return {m: scores.masks[0, i].numpy() for i, m in enumerate(scores.methods)}
+        return self.maps_and_masks(key, positions, layer_set, methods, threshold)[1]
 
     def maps_and_masks(
         self,
