@@ -22,14 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from xrcam.errors import XrcamConfigError
 from xrcam.hooks import capture, model_state
-from xrcam.lrp import Composite, lrp_context, make_composite
-from xrcam.models import stage_names
+
+if TYPE_CHECKING:  # the LRP engine and timm load on first explanation, so reading the registry stays light
+    from xrcam.lrp import Composite
 
 __all__ = [
     "Explanation",
@@ -247,6 +249,9 @@ def stage_signals(
     grad or the model's parameters must, so the forward builds a graph; :class:`Explainer` takes care
     of that and of the model's state.
     """
+    from xrcam.lrp import lrp_context
+    from xrcam.models import stage_names
+
     layers = tuple(stage_names(model) if layers is None else layers)
     with lrp_context(model, composite, track_leaks) as switch, capture(model, layers) as acts:
         logits = model(images)
@@ -444,6 +449,9 @@ def create_explainer(
     ``contributions``: also return each channel's Σ_hw term of the map. ``activations``: also return A.
     ``mc_samples=T``: average maps and logits over T passes with the model's dropout layers active.
     """
+    from xrcam.lrp import make_composite
+    from xrcam.models import stage_names
+
     if methods is None:
         methods = list_methods()
     elif isinstance(methods, str):
