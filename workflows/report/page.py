@@ -225,10 +225,9 @@ def _sample_section(res, metrics, methods, singles, focus, classes, options, not
         here = metrics[(metrics["video_key"] == key) & (metrics["position"] == pos)]
         iou_of = {(m, s): v for m, s, v in zip(here["method"], here["layer_set"], here["iou"], strict=True)}
         for column in columns:
-            for m, a in res.maps(key, [pos], column, methods).items():
-                maps[m, column] = a[0]
-            for m, a in res.masks(key, [pos], column, methods).items():
-                masks[m, column] = a[0]
+            column_maps, column_masks = res.maps_and_masks(key, [pos], column, methods)
+            for m in column_maps:
+                maps[m, column], masks[m, column] = column_maps[m][0], column_masks[m][0]
             for m in methods:
                 ious[m, column] = iou_of.get((m, column), np.nan) if gt is not None else np.nan
         fig = figures.frame_grid(
