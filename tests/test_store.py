@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflows.settings import RunSettings, load_toml, parse_crop
+from workflows.settings import RunSettings, load_toml
 from workflows.store import ResultStore, VideoLayout, video_id_of_key, video_key
 from xrcam.errors import XrcamConfigError
 
@@ -204,7 +204,7 @@ def test_settings_merge_toml_then_options(tmp_path):
     with pytest.raises(XrcamConfigError, match="unknown setting.*batchsize"):
         load_toml(tmp_path / "bad.toml")
     with pytest.raises(XrcamConfigError, match="x,y,size"):
-        parse_crop("1,2")
+        RunSettings.resolve(None, archive="a", out="o", crop="1,2")
 
 
 def test_a_half_created_video_group_counts_as_missing(tmp_path):

@@ -148,14 +148,6 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def parse_crop(text: str) -> tuple[int, int, int]:
-    """Deprecated alias of :meth:`xrcam.preprocess.Crop.parse` (kept until its last caller moves)."""
-    try:
-        return _crop(text, "crop")
-    except ValueError as exc:
-        raise XrcamConfigError(str(exc)) from None
-
-
 _INT = ("frame_step", "chunk_frames", "shard_chunks", "batch_size", "workers", "random_init")
 _TEXT = ("archive", "out", "model", "checkpoint", "rules", "clrp", "address", "split", "device")
 _NAMES = ("classes", "methods", "layers")

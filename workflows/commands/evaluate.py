@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from workflows.commands.conventions import classes_option
+from workflows.settings import DEFAULT_LAYERS
 
 
 def _csv(text: str | None) -> tuple[str, ...] | None:
@@ -35,7 +36,7 @@ def _csv(text: str | None) -> tuple[str, ...] | None:
 @click.option("--methods", default=None, help="Comma-separated methods [default: all registered].")
 @click.option(
     "--layers",
-    default="layer1,layer2,layer3,layer4",
+    default=",".join(DEFAULT_LAYERS),
     show_default=True,
     help="Stages scored one by one (Table 1); stage numbers work too (1,2,3,4).",
 )
