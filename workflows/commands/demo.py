@@ -75,7 +75,7 @@ def _cpu_seconds() -> float:
 
 def _print_summary(out: Path) -> None:
     from workflows import results as results_api
-    from workflows.tables import paper_view
+    from workflows.commands.reduce import echo_tables
 
     results = out / "results"
     res = results_api.open(results)
@@ -84,21 +84,7 @@ def _print_summary(out: Path) -> None:
         "table1": "Table 1: mIoU % [95 % CI over patients] per layer, test patients",
         "table2": "Table 2: mIoU % [95 % CI over patients] per layer set, test patients",
     }
-    for name, title in titles.items():
-        table = res.table(name)
-        click.secho(f"\n{title}", bold=True)
-        if "n_patients" in table and len(table):
-            click.echo(
-                f"({int(table['n_frames'].max())} frames of {int(table['n_patients'].max())} patients)"
-            )
-        with pd_options():
-            click.echo(paper_view(table).to_string(index=False))
+    echo_tables({title: res.table(name) for name, title in titles.items()})
     sidecar = json.loads((out / "checkpoint" / "model.pt.json").read_text())
     click.echo(f"\nClassifier test accuracy: {sidecar['metrics']['test_accuracy']:.1%}")
     click.echo(f"Report: {results / 'report.html'}")
-
-
-def pd_options():
-    import pandas as pd
-
-    return pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_colwidth", 40)

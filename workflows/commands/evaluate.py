@@ -239,7 +239,7 @@ def _print(tables: dict) -> None:
         "table3_dropout_miou": "mIoU (%) with dropout on (Monte-Carlo) and off (Table 3)",
         "table4_axioms": "Axiom metrics, lower is better (Table 4)",
     }
-    from workflows.tables import paper_view
+    from workflows.commands.reduce import echo_tables
 
     if "miou" in tables:
         for dropout, rows in tables["miou"].groupby("dropout", sort=False):
@@ -249,12 +249,8 @@ def _print(tables: dict) -> None:
                 f"{first['n_patients']} patients; left out: {first['n_misclassified']} misclassified, "
                 f"{first['n_empty_gt']} with an empty ground truth"
             )
+    echo_tables({title: tables[name] for name, title in titles.items() if name in tables}, precision=3)
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 3):
-        for name, title in titles.items():
-            if name in tables:
-                click.secho(f"\n{title}", bold=True)
-                table = tables[name]
-                click.echo((paper_view(table) if "miou_pct" in table else table).to_string(index=False))
         if "sanity" in tables:
             for value in ("spearman", "ssim"):
                 wide = tables["sanity"].pivot_table(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -128,23 +130,28 @@ def _print_summary(results: Path, summary: dict) -> None:
         click.echo(
             f"Left out {len(summary['incomplete_videos'])} incomplete video(s); resume `xrcam run` and reduce again."
         )
+    import pandas as pd
+
     names = ("table1_layer_miou", "table2_layerset_miou", "table4_axioms")
-    echo_tables(
-        {name: summary["summary_tables"][name] for name in names if summary["summary_tables"].get(name)}
-    )
+    paths = {name: summary["summary_tables"][name] for name in names if summary["summary_tables"].get(name)}
+    echo_tables({f"{name} ({path})": pd.read_parquet(path) for name, path in paths.items()})
 
 
-def echo_tables(tables: dict[str, Path]) -> None:
-    """Print summary tables read back from their Parquet files, each under its title and path
-    (mIoU tables pivoted like the paper: one row per method, ``mIoU [95 % CI]`` per layer set)."""
+def echo_tables(tables: Mapping[str, Any], precision: int = 2) -> None:
+    """Print summary tables (DataFrames), each under its title: the one table printer of reduce, evaluate
+    and the demo. mIoU tables are pivoted like the paper (one row per method, ``mIoU [95 % CI]`` per
+    layer set) under the number of frames and patients behind them."""
     import pandas as pd
 
     from workflows.tables import paper_view
 
-    for title, path in tables.items():
-        click.secho(f"\n{title} ({path})", bold=True)
-        df = pd.read_parquet(path)
+    for title, df in tables.items():
+        click.secho(f"\n{title}", bold=True)
         if "miou_pct" in df:
+            if "n_patients" in df and len(df):
+                click.echo(f"({int(df['n_frames'].max())} frames of {int(df['n_patients'].max())} patients)")
             df = paper_view(df)
-        with pd.option_context("display.width", 160, "display.precision", 2, "display.max_columns", 20):
+        with pd.option_context(
+            "display.width", 160, "display.precision", precision, "display.max_columns", 20
+        ):
             click.echo(df.to_string(index=False))
