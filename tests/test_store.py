@@ -92,8 +92,173 @@ def test_xarray_opens_every_video_in_one_call_without_warnings(tmp_path):
     ax = ds["gt_mask"].isel(frame=0).plot.imshow()
     top = ax.axes.get_ylim()[1]
     assert top == pytest.approx(LAYOUT.size - 0.5)
-    assert "source_row" in ds["y"].attrs and "5 +" in ds["x"].attrs["source_column"]
+    # the crop-to-source formulas are the video's (its crop offset); res.video puts them on y/x too
+    assert ds.attrs["source_row"].startswith("6 +") and ds.attrs["source_column"].startswith("5 +")
+    assert store.open_dataset(LAYOUT.key)["x"].attrs["source_column"] == ds.attrs["source_column"]
     assert ds["layer4_y"].values.tolist() == [11.5]  # one cell over 24 px: its centre
+
+
+FOUR_STAGES = replace(
+    LAYOUT, map_shapes={"layer1": (6, 6), "layer2": (3, 3), "layer3": (2, 2), "layer4": (1, 1)}
+)
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_one_shard_video_is_17_files_and_the_root_holds_the_grid_once(tmp_path):
+    store = ResultStore.open(tmp_path, SETTINGS)
+    layouts = [
+        replace(FOUR_STAGES, shard_frames=12),  # 10 kept frames: one work shard
+        replace(FOUR_STAGES, video_id="glioblastoma/p2/v.mkt", crop=(0, 1, 24), shard_frames=12),
+    ]
+    for layout in layouts:
+        store.create_video(layout)
+        _write_all(store, layout)
+    store.write_summary({"videos": 2})
+    maps = tmp_path / "maps.zarr"
+    arrays = ["frame", "logits", "gt_mask", "has_gt_mask", "layer1", "layer2", "layer3", "layer4"]
+    for layout in layouts:
+        files = _files(maps / layout.key)
+        assert len(files) == 17, files  # 37 when every video held its own grid coordinates
+        assert sorted({f.split("/")[0] for f in files}) == sorted(["zarr.json", *arrays])
+        assert all(len([f for f in files if f.startswith(f"{a}/")]) == 2 for a in arrays)  # metadata + 1 file
+    grid = ["y", "x"] + [f"layer{n}_{axis}" for n in range(1, 5) for axis in "yx"]
+    root_arrays = {p.name for p in maps.iterdir() if p.is_dir()} - {layout.key for layout in layouts}
+    assert root_arrays == {"cam", "class", *grid}  # cam, class and the grid, once
+    assert all(_files(maps / name) == ["c/0", "zarr.json"] for name in grid)
+    ds = store.open_dataset(layouts[1].key)
+    assert ds["y"].values[0] == 23 and ds["layer2_x"].values.tolist() == [3.5, 11.5, 19.5]
+    assert ds.attrs["source_row"].startswith("1 +") and ds["y"].attrs["source_row"] == ds.attrs["source_row"]
+
+
+def test_a_run_of_two_grids_demotes_the_root_grid_and_opens_without_warnings(tmp_path):
+    import warnings
+
+    import xarray as xr
+
+    store = ResultStore.open(tmp_path, SETTINGS)
+    small = LAYOUT
+    other = replace(
+        FOUR_STAGES, video_id="glioblastoma/p2/v.mkt", crop=(1, 2, 32), input_size=None, label_index=0
+    )
+    third = replace(LAYOUT, video_id="meningioma/p3/v.mkt")
+    store.create_video(small)
+    _write_all(store, small)  # complete: its group's metadata is consolidated before the demotion
+    store.write_summary({"videos": 1})  # and the root's
+    assert "y" in store.group.array_keys()
+    store.create_video(other)  # another grid: the root's moves into the first video
+    assert set(store.group.array_keys()) == {"cam", "class"}
+    _write_all(store, other, seed=1)
+    store.create_video(third)  # the first video's grid again: it holds its own too
+    _write_all(store, third, seed=2)
+    for layout in (small, other, third):
+        assert "y" in ResultStore.open(tmp_path).video(layout.key).array_keys()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stale = xr.open_datatree(tmp_path / "maps.zarr", engine="zarr")  # consolidated before `third`
+        tree = store.open_datatree()  # re-consolidates: every video
+    assert sorted(stale.children) == sorted([small.key, other.key])
+    assert sorted(tree.children) == sorted([small.key, other.key, third.key])
+    for layout in (small, other, third):
+        ds = tree[layout.key].to_dataset()
+        assert ds.sizes["y"] == ds.sizes["x"] == layout.size
+        assert ds["y"].values[0] == layout.size - 1  # decreasing: imshow the right way up
+        centres = (np.arange(6) + 0.5) * layout.size / 6 - 0.5  # 6x6 cells over the crop, counted up
+        np.testing.assert_allclose(ds["layer1_y"].values, layout.size - 1 - centres, rtol=1e-6)
+        assert (
+            ds["y"].attrs["source_row"]
+            == ds.attrs["source_row"]
+            == store.open_dataset(layout.key).attrs["source_row"]
+        )
+        xr.testing.assert_equal(ds.coords.to_dataset(), store.open_dataset(layout.key).coords.to_dataset())
+    assert tree[other.key].to_dataset().sizes["layer3_y"] == 2
+    assert stale[small.key].to_dataset()["y"].values[0] == 23  # what the stale view lists still reads
+    # the demotion re-consolidated the complete video's own metadata, so opening it alone finds its y
+    assert xr.open_zarr(tmp_path / "maps.zarr", group=small.key)["y"].values[0] == 23
+
+
+def test_the_tree_view_of_a_video_has_the_coordinates_of_open_dataset(tmp_path):
+    import xarray as xr
+
+    store = ResultStore.open(tmp_path, SETTINGS)
+    store.create_video(FOUR_STAGES)
+    _write_all(store, FOUR_STAGES)
+    tree = store.open_datatree()
+    ds, direct = tree[FOUR_STAGES.key].to_dataset(), store.open_dataset(FOUR_STAGES.key)
+    assert set(ds.coords) == set(direct.coords)
+    for name in ds.coords:
+        xr.testing.assert_equal(ds[name], direct[name])
+        assert ds[name].dims == direct[name].dims
+    assert direct["y"].attrs["long_name"] == ds["y"].attrs["long_name"]
+    for name, var in direct.data_vars.items():
+        if name in ds:
+            assert var.dims == ds[name].dims
+
+
+def test_root_coordinates_left_incomplete_by_a_crash_are_repaired_by_the_next_video(tmp_path):
+    store = ResultStore.open(tmp_path, SETTINGS)
+    store.create_video(FOUR_STAGES)
+    # as if the driver died writing the first video's root coordinates (another grid, part of them)
+    del store.group["layer3_x"], store.group["layer3_y"], store.group[FOUR_STAGES.key]
+    store.create_video(LAYOUT)  # the first video (again): the root takes its grid, whole
+    assert set(store.group.array_keys()) == {
+        "cam",
+        "class",
+        "y",
+        "x",
+        *(f"layer{n}_{a}" for n in (1, 4) for a in "yx"),
+    }
+    other = replace(LAYOUT, video_id="glioblastoma/p2/v.mkt")
+    store.create_video(other)
+    assert "y" not in store.video(other.key).array_keys()  # same grid: inherited
+    del store.group["layer4_x"]  # a demotion cut short: part of the root grid gone, no video has its own
+    third = replace(LAYOUT, video_id="glioblastoma/p3/v.mkt")
+    store.create_video(third)  # the root grid is incomplete: demoted again, whole
+    assert set(store.group.array_keys()) == {"cam", "class"}
+    tree = store.open_datatree()
+    for layout in (LAYOUT, other, third):
+        assert tree[layout.key].to_dataset()["layer4_x"].values.tolist() == [11.5]
+
+
+def test_a_format_2_store_with_coordinates_in_every_video_reads_and_resumes(tmp_path):
+    """Stores written before the root grid: every video held y/x/stage coordinates (and the formulas
+    only on y/x). They read as before, and a resumed run adds videos in the same way."""
+    import zarr
+
+    store = ResultStore.open(tmp_path, SETTINGS)
+    other = replace(LAYOUT, video_id="glioblastoma/p2/v.mkt", crop=(0, 0, 24))
+    root = zarr.open_group(tmp_path / "maps.zarr", mode="r+")
+    for layout in (LAYOUT, other):
+        store.create_video(layout)
+    grid = [name for name in root.array_keys() if name not in ("cam", "class")]
+    for layout in (LAYOUT, other):  # rewrite as the old layout was: the grid in each video, formulas on y/x
+        group = root[layout.key]
+        for name in grid:
+            attrs = root[name].attrs.asdict()
+            if name in ("y", "x"):
+                formula = "source_row" if name == "y" else "source_column"
+                attrs[formula] = group.attrs[formula]
+                del group.attrs[formula]
+            array = group.create_array(name, shape=root[name].shape, dtype="float32", dimension_names=(name,))
+            array[:] = root[name][:]
+            array.attrs.update(attrs)
+    for name in grid:
+        del root[name]
+    resumed = ResultStore.open(tmp_path, SETTINGS)
+    third = replace(LAYOUT, video_id="glioblastoma/p3/v.mkt")
+    resumed.create_video(third)
+    assert "y" in resumed.video(third.key).array_keys() and "y" not in resumed.group.array_keys()
+    for layout in (LAYOUT, other, third):
+        ds = resumed.open_dataset(layout.key)
+        assert (
+            ds.attrs["source_column"]
+            == ds["x"].attrs["source_column"]
+            == f"{layout.crop[0]} + (x + 0.5) * 1 - 0.5"
+        )
+        assert ds["x"].values.tolist() == list(range(24)) and ds["y"].values[0] == 23
+    assert sorted(resumed.open_datatree().children) == sorted([LAYOUT.key, other.key, third.key])
 
 
 def test_shards_follow_the_work_shards_and_files_stay_few(tmp_path):

@@ -4,11 +4,12 @@ Layout (store format 2; ``docs/results.md`` explains why it is shaped this way):
 
     RESULTS/maps.zarr/                      root group: attrs xrcam_store_format, xrcam_version, settings
         cam (cam,)  class (class,)          method names and class names, inherited by every video
-        <video_key>/                        one group per video (attrs: video_id, label, crop, ...)
-            frame (frame,)                  original frame index of each stored row
-            y (y,), x (x,)                  crop-pixel coordinates of the crop grid (y counts up from
+        y (y,), x (x,)                      crop-pixel coordinates of the crop grid (y counts up from
                                             the bottom row, so ``.plot.imshow()`` is the right way up)
-            layer1_y, layer1_x, ...         each stage grid's cell centres in the same crop pixels
+        layer1_y, layer1_x, ...             each stage grid's cell centres in the same crop pixels
+        <video_key>/                        one group per video (attrs: video_id, label, crop, source_row,
+                                            source_column, shards_done, complete, ...)
+            frame (frame,)                  original frame index of each stored row
             layer1 ... layer4               raw maps (cam, frame, layerN_y, layerN_x) float16
             logits (frame, class) float32   NaN until the frame is written
             gt_mask (frame, y, x) uint8     0/1 ground truth on the crop grid
@@ -16,15 +17,27 @@ Layout (store format 2; ``docs/results.md`` explains why it is shaped this way):
     RESULTS/run.json                        the run's summary
     (the Parquet side - failures, metrics, tables - lives in :mod:`workflows.tables`)
 
+**Grid coordinates** (``y``, ``x``, ``layerN_y``, ``layerN_x``) are stored once, in the root, while every
+video of the run has the same grid (``VideoLayout.size`` and ``map_shapes``: the common case), and every
+video inherits them as it inherits ``cam``/``class`` (xarray DataTree coordinate inheritance): a video
+that fits one work shard is then 17 files instead of 37. Only the per-video part of the crop-to-source
+mapping is the video's: its ``source_row`` and ``source_column`` attributes (formulas in ``y``/``x``, with
+the video's crop offset). An inherited indexed coordinate must agree with every child's dims, so when
+:meth:`ResultStore.create_video` meets a video with another grid it *demotes* the grid: writes each
+existing video's own coordinates into its group, deletes the root's, and from then on every video holds
+its own (as stores written before the root grid did: format 2 still, they read and resume unchanged,
+see ``docs/results.md``). Whether the root holds the grid is read from the root's arrays, never from a
+flag, so a crash mid-way is repaired by the next ``create_video``.
+
 Every per-frame array is a Zarr v3 *sharded* array: inner chunks of ``chunk_frames`` frames inside
 shard files of exactly one work shard (``chunk_frames * shard_chunks`` frames), so the one worker that
 explains a work shard writes each of its shard files alone, once. The driver creates every group and
-array (and writes the small coordinate arrays) up front and is the only writer of attributes. A shard
-counts as finished once the driver has recorded it in the video's ``shards_done`` attribute, after the
-worker returned. When a video is complete its group's metadata is consolidated, and the root's when
-the run writes its summary, so ``xr.open_datatree(RESULTS/maps.zarr, engine="zarr")`` opens every video
-in one read without warnings. Internally the store never trusts consolidated metadata (a resumed run
-adds groups), it lists the folder.
+array (and writes the small coordinate arrays) up front and is the only writer of attributes and
+coordinates. A shard counts as finished once the driver has recorded it in the video's ``shards_done``
+attribute, after the worker returned. When a video is complete its group's metadata is consolidated,
+and the root's when the run writes its summary (and after a demotion), so
+``xr.open_datatree(RESULTS/maps.zarr, engine="zarr")`` opens every video in one read without warnings.
+Internally the store never trusts consolidated metadata (a resumed run adds groups), it lists the folder.
 
 Aggregated maps and masks are *not* stored: :mod:`xrcam.scoring` derives them from the raw maps on
 read (``workflows.results``) faster than they could be read back, at 1/24 of the bytes.
@@ -33,6 +46,7 @@ read (``workflows.results``) faster than they could be read back, at 1/24 of the
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
@@ -61,6 +75,8 @@ __all__ = [
     "settings_differences",
 ]
 
+log = logging.getLogger(__name__)
+
 #: Version of this layout; a store of another version is refused with a sentence saying how to redo it.
 STORE_FORMAT = 2
 MAPS_NAME = "maps.zarr"
@@ -73,6 +89,9 @@ FRAME, Y, X, CLASS = "frame", "y", "x", "class"
 METHOD = "cam"
 LOGITS, GT_MASK, HAS_GT = "logits", "gt_mask", "has_gt_mask"
 FORMAT_ATTR = "xrcam_store_format"
+#: Video-group attributes: where the video's crop pixels sit in its source frames, as formulas in
+#: ``y``/``x`` (they depend on the video's crop offset, so they are the video's, not the root grid's).
+SOURCE_ROW, SOURCE_COLUMN = "source_row", "source_column"
 
 
 def _tables():
@@ -202,6 +221,51 @@ def _cell_centres(cells: int, size: int) -> np.ndarray:
     """Centres of ``cells`` equal cells over ``size`` crop pixels, in crop-pixel units (as bilinear
     upsampling with ``align_corners=False`` places them)."""
     return (np.arange(cells) + 0.5) * (size / cells) - 0.5
+
+
+def _source_attrs(layout: VideoLayout) -> dict[str, str]:
+    """The video's :data:`SOURCE_ROW` / :data:`SOURCE_COLUMN` formulas (crop offset and scale)."""
+    crop_x, crop_y, crop_size = layout.crop
+    size = layout.size
+    scale = crop_size / size
+    return {
+        SOURCE_ROW: f"{crop_y} + ({size} - 1 - y + 0.5) * {scale:g} - 0.5",
+        SOURCE_COLUMN: f"{crop_x} + (x + 0.5) * {scale:g} - 0.5",
+    }
+
+
+def _grid_coords(layout: VideoLayout, *, own: bool = False) -> list[tuple[str, np.ndarray, dict]]:
+    """``(name, values, attrs)`` of the grid coordinates of ``layout`` (``y``, ``x``, ``layerN_y``,
+    ``layerN_x``); ``own``: for a video that holds its own, whose ``y``/``x`` also carry its formulas."""
+    size = layout.size
+    y_attrs = {"long_name": "crop pixel, counted up from the bottom row"}
+    x_attrs = {"long_name": "crop pixel column"}
+    if own:
+        source = _source_attrs(layout)
+        y_attrs[SOURCE_ROW], x_attrs[SOURCE_COLUMN] = source[SOURCE_ROW], source[SOURCE_COLUMN]
+    coords: list[tuple[str, np.ndarray, dict]] = [
+        (Y, (size - 1 - np.arange(size)).astype(np.float32), y_attrs),
+        (X, np.arange(size, dtype=np.float32), x_attrs),
+    ]
+    for layer, (h, w) in layout.map_shapes.items():
+        coords.append(
+            (f"{layer}_y", (size - 1 - _cell_centres(h, size)).astype(np.float32), {"units": "crop pixel"})
+        )
+        coords.append((f"{layer}_x", _cell_centres(w, size).astype(np.float32), {"units": "crop pixel"}))
+    return coords
+
+
+def _write_coords(group: zarr.Group, coords: Iterable[tuple[str, np.ndarray, dict]]) -> None:
+    for name, values, attrs in coords:
+        array = group.create_array(
+            name,
+            shape=values.shape,
+            dtype=values.dtype,
+            dimension_names=(name,),
+            attributes=attrs,
+            overwrite=True,
+        )
+        array[:] = values
 
 
 def _consolidate(store_path: Path, path: str = "") -> None:
@@ -426,15 +490,25 @@ class ResultStore:
     def create_video(self, layout: VideoLayout) -> zarr.Group:
         """Create a video's group and every array ('missing' fill values until a worker writes them).
 
-        The coordinate arrays (frame, y, x, stage grids) are written here; the ``created`` attribute,
-        set last, marks the group as usable (a crash before it leaves a group that counts as missing).
+        The coordinate arrays are written here: ``frame`` in the group; the grid coordinates in the root
+        when the video's grid is the root's (or it is the first video), else in the group, after moving
+        the root's into every other video (see the module docstring). The ``created`` attribute, set
+        last, marks the group as usable (a crash before it leaves a group that counts as missing).
         """
         frames, chunk, n_classes = layout.num_frames, self.chunk_frames, layout.num_classes
         shard = self.shard_frames(layout)
         if shard % chunk:
             raise XrcamConfigError(f"shard of {shard} frames is not a multiple of chunk_frames={chunk}")
+        held = self._root_grid()
+        shared = self._place_grid(layout, held)
         size, methods = layout.size, self.methods
-        attrs = {**layout.to_json(), "shards_done": [], "complete": False, "created": False}
+        attrs = {
+            **layout.to_json(),
+            **_source_attrs(layout),
+            "shards_done": [],
+            "complete": False,
+            "created": False,
+        }
         group = self.group.create_group(layout.key, attributes=attrs, overwrite=True)
         per_frame: list[tuple[str, tuple[int, ...], str, tuple[str, ...], Any, dict]] = [
             (LOGITS, (frames, n_classes), "float32", (FRAME, CLASS), np.nan, {"long_name": "class logits"}),
@@ -466,48 +540,66 @@ class ResultStore:
                 dimension_names=dims,
                 attributes=array_attrs,
             )
-        crop_x, crop_y, crop_size = layout.crop
-        scale = crop_size / size
-        coords: list[tuple[str, np.ndarray, dict]] = [
-            (
-                FRAME,
-                np.arange(frames, dtype=np.int64) * layout.frame_step,
-                {"long_name": "source frame index"},
-            ),
-            (
-                Y,
-                (size - 1 - np.arange(size)).astype(np.float32),
-                {
-                    "long_name": "crop pixel, counted up from the bottom row",
-                    "source_row": f"{crop_y} + ({size} - 1 - y + 0.5) * {scale:g} - 0.5",
-                },
-            ),
-            (
-                X,
-                np.arange(size, dtype=np.float32),
-                {
-                    "long_name": "crop pixel column",
-                    "source_column": f"{crop_x} + (x + 0.5) * {scale:g} - 0.5",
-                },
-            ),
-        ]
-        for layer, (h, w) in layout.map_shapes.items():
-            coords.append(
-                (
-                    f"{layer}_y",
-                    (size - 1 - _cell_centres(h, size)).astype(np.float32),
-                    {"units": "crop pixel"},
-                )
-            )
-            coords.append((f"{layer}_x", _cell_centres(w, size).astype(np.float32), {"units": "crop pixel"}))
-        for name, values, array_attrs in coords:
-            array = group.create_array(
-                name, shape=values.shape, dtype=values.dtype, dimension_names=(name,), attributes=array_attrs
-            )
-            array[:] = values
+        frame = (
+            FRAME,
+            np.arange(frames, dtype=np.int64) * layout.frame_step,
+            {"long_name": "source frame index"},
+        )
+        _write_coords(group, [frame, *([] if shared else _grid_coords(layout, own=True))])
         group.attrs["created"] = True
         self._layouts.pop(layout.key, None)
+        if held and not shared:  # demoted: the root's consolidated metadata must stop listing its grid
+            _consolidate(self.maps_path)
         return group
+
+    def _root_grid(self) -> dict[str, int]:
+        """Length of each grid coordinate the root holds; ``{}`` when every video holds its own."""
+        return {
+            name: self.group[name].shape[0] for name in self.group.array_keys() if name not in (METHOD, CLASS)
+        }
+
+    def _place_grid(self, layout: VideoLayout, held: Mapping[str, int]) -> bool:
+        """Make the grid coordinates of ``layout`` available to its group before it is created: ``True``
+        when the root holds them (the group then stores none), ``False`` when the group must hold its own.
+
+        ``held``: :meth:`_root_grid`. The first video gives the root its grid; a video of another grid
+        demotes the root's into every other video; once no grid is in the root (after a demotion, or in
+        a store written before the root grid) every video holds its own. A set of root coordinates left
+        incomplete by a crash never equals a video's, so it is replaced or demoted here.
+        """
+        wanted = {name: len(values) for name, values, _ in _grid_coords(layout)}
+        if dict(held) == wanted:
+            return True
+        others = [key for key in self.video_keys() if key != layout.key]
+        if not others:  # the first video (or the first again, after a crash): the root takes its grid
+            for name in set(held) - set(wanted):
+                del self.group[name]
+            _write_coords(self.group, _grid_coords(layout))
+            return True
+        if held:
+            log.info(
+                "%s: %s has another grid (%d px crop) than the videos before it; every video now holds "
+                "its own coordinates",
+                self.maps_path,
+                layout.video_id,
+                layout.size,
+            )
+            self._demote(others, held)
+        return False
+
+    def _demote(self, keys: Iterable[str], held: Iterable[str]) -> None:
+        """Write each video's own grid coordinates (from its own layout) into its group, then delete the
+        root's ``held`` ones. Idempotent: a demotion cut short by a crash is redone by the next one."""
+        for key in keys:
+            layout = self.layout(key)
+            if layout is None:  # half-created: create_video redoes it whole, with its own coordinates
+                continue
+            group = self._group(key)
+            _write_coords(group, _grid_coords(layout, own=True))
+            if group.attrs.get("complete"):  # its consolidated metadata must list the new arrays
+                _consolidate(self.maps_path, key)
+        for name in held:
+            del self.group[name]
 
     # ----------------------------------------------------------------- writing (workers)
     def write_shard(
@@ -596,13 +688,24 @@ class ResultStore:
         return np.asarray(group[GT_MASK].get_orthogonal_selection(np.asarray(positions, np.int64))) > 0
 
     def open_dataset(self, key: str):
-        """One video as an ``xr.Dataset`` (lazy), with the store-wide ``cam``/``class`` coordinates and
-        the per-frame ``probabilities`` (softmax of the logits) and ``predicted`` (argmax; -1 where a
-        frame was never written) derived from the stored logits."""
+        """One video as an ``xr.Dataset`` (lazy), with the store-wide ``cam``/``class`` coordinates, the
+        grid coordinates (the root's, or the video's own), the per-frame ``probabilities`` (softmax of
+        the logits) and ``predicted`` (argmax; -1 where a frame was never written) derived from the
+        stored logits. ``source_row``/``source_column`` are in its attrs and on ``y``/``x``."""
         import torch
         import xarray as xr
 
         ds = xr.open_zarr(self.maps_path, group=key, consolidated=False, chunks=None)
+        attrs = self._group(key).attrs.asdict()
+        layout = self.layout(key)
+        if layout is not None:  # groups written before the root grid kept the formulas on y/x only
+            attrs = {**_source_attrs(layout), **attrs}
+        root_grid = set(self.group.array_keys()) - {METHOD, CLASS}
+        inherited = {  # the grid coordinates a video inherits from the root (none once it holds its own)
+            name: ((name,), np.asarray(self.group[name][:]), self.group[name].attrs.asdict())
+            for name in ds.dims
+            if name not in ds.coords and name in root_grid
+        }
         logits = np.asarray(ds[LOGITS].values)
         written = ~np.isnan(logits).any(axis=1)
         safe = np.nan_to_num(logits, nan=0.0)
@@ -613,9 +716,11 @@ class ResultStore:
             probabilities=((FRAME, CLASS), probabilities, {"long_name": "softmax of the logits"}),
             predicted=((FRAME,), predicted, {"long_name": "predicted class index (-1: not written)"}),
         )
-        return ds.assign_coords({METHOD: self.methods, CLASS: self.classes}).assign_attrs(
-            self._group(key).attrs.asdict()
-        )
+        ds = ds.assign_coords({METHOD: self.methods, CLASS: self.classes, **inherited})
+        for name, formula in ((Y, SOURCE_ROW), (X, SOURCE_COLUMN)):
+            if name in ds.coords and formula in attrs:
+                ds[name].attrs[formula] = attrs[formula]
+        return ds.assign_attrs(attrs)
 
     def open_datatree(self):
         """``xr.open_datatree(maps.zarr, engine="zarr")``, consolidating the metadata first if stale."""
