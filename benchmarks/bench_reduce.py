@@ -8,8 +8,12 @@ Each reduction runs in a child process whose memory (summed PSS of it and its de
 sampled. Prints frames/s, peak memory, bytes per frame and files per 1,000 frames of the whole
 results folder, for both, and the ratios.
 
-    .venv/bin/python benchmarks/bench_reduce.py --frames 400 --videos 4 --size 230 --workers 0
+    .venv/bin/python benchmarks/bench_reduce.py --frames 400 --videos 4 --size 230
     .venv/bin/python benchmarks/bench_reduce.py --frames 400 --videos 4 --references ""   # methods only
+
+Both reduce in one process on every core: the new tree with one thread per video (``--workers``,
+default all cores; ``--workers 0``: one video at a time, one thread), today's with torch's intra-op
+threads (its in-process mode, ``--workers 0``, always). ``--address`` is not used: no Ray start-up.
 
 Targets (issue 15): >= 10x today's frames/s at 230 px; <= 100 KB per frame and <= 200 files per
 1,000 frames for the whole results folder. Asserts nothing.
@@ -110,7 +114,9 @@ def _child(results: str, workers: int, references: str, agreement: str) -> None:
 
     refs = tuple(r for r in references.split(",") if r)
     extra = {} if agreement == "1" else {"agreement": False, "inverted": ()}
-    summary = reduce_results(results, ReduceSettings(references=refs, **extra), workers=workers)
+    summary = reduce_results(
+        results, ReduceSettings(references=refs, **extra), workers=None if workers < 0 else workers
+    )
     print(json.dumps({"rows": summary["rows"], "videos": summary["videos"]}))
 
 
@@ -163,7 +169,7 @@ def _baseline(args) -> dict[str, float] | None:
     env = {**os.environ, "PYTHONPATH": str(BASELINE_DIR)}
     cmd = [sys.executable, str(BASELINE_DIR / "benchmarks" / "bench_reduce.py")]
     cmd += ["--frames", str(args.frames), "--videos", str(args.videos), "--size", str(args.size)]
-    cmd += ["--chunk", str(args.chunk), "--workers", str(args.workers), "--dir", str(work), "--keep"]
+    cmd += ["--chunk", str(args.chunk), "--workers", "0", "--dir", str(work), "--keep"]  # in process
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=BASELINE_DIR)
     if done.returncode:
         print(f"baseline failed: {done.stderr.strip()[-500:]}")
@@ -183,7 +189,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=230, help="crop size (the paper's 230)")
     parser.add_argument("--chunk", type=int, default=32, help="frames per store chunk (xrcam run's default)")
     parser.add_argument(
-        "--workers", type=int, default=0, help="0: reduce in process; N: local Ray with N CPUs"
+        "--workers",
+        type=int,
+        default=-1,
+        help="videos reduced at once by threads of one process (default: all cores); 0: one at a time",
     )
     parser.add_argument(
         "--references",
@@ -221,7 +230,8 @@ def main() -> None:
     old = None if args.no_baseline else _baseline(args)
     shutil.rmtree(base, ignore_errors=True)
 
-    mode = "in process" if args.workers == 0 else f"local Ray, {args.workers} workers"
+    threads = os.cpu_count() if args.workers < 0 else max(1, args.workers)
+    mode = f"in process ({threads} thread(s) here, torch's {os.cpu_count()} intra-op threads today)"
     print(
         f"{args.frames} frames, {args.videos} videos, crop {args.size}, {len(METHODS)} methods x "
         f"{len(LAYERS)} stages x 7 layer sets, reduce {mode}, references: {args.references or 'none'}"

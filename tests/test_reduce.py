@@ -320,13 +320,30 @@ def test_a_damaged_video_is_reported_and_the_others_carry_on(results):
     assert bad not in keys and len(keys) == len(store.video_keys()) - 1
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_reduce_on_local_ray_matches_serial(results, ray_local):
+def test_reduce_in_threads_matches_serial_and_starts_no_ray(results, monkeypatch):
+    import workflows.reduce as reduce_module
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a reduction without an address must not use Ray")
+
+    monkeypatch.setattr(reduce_module, "_on_ray", no_ray)
+    monkeypatch.delenv("XRCAM_ADDRESS", raising=False)
     settings = _settings(layer_sets=("4", "4+3+2+1"))
     reduce_results(results, settings, workers=0)
     serial = results_api.open(results).metrics()
-    reduce_results(results, settings, workers=2)
+    serial_agreement = results_api.open(results).agreement()
+    reduce_results(results, settings, workers=2)  # no address: two threads of this process
+    pd.testing.assert_frame_equal(serial, results_api.open(results).metrics())
+    pd.testing.assert_frame_equal(serial_agreement, results_api.open(results).agreement())
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_reduce_on_ray_matches_serial(results, ray_local):
+    settings = _settings(layer_sets=("4", "4+3+2+1"))
+    reduce_results(results, settings, workers=0)
+    serial = results_api.open(results).metrics()
+    reduce_results(results, settings, address="auto", workers=2)  # the session's Ray, as on a cluster
     pd.testing.assert_frame_equal(serial, results_api.open(results).metrics())
 
 

@@ -246,6 +246,30 @@ def test_agreement_with_itself_is_perfect_and_differs_for_another_method():
     assert (scores.agreement["rank_corr"][:, 0] < 0.999).all()
 
 
+@pytest.mark.parametrize("size", [100, 24])
+def test_agreement_rank_corr_equals_rank_correlation_of_the_aggregated_maps(size):
+    """The batched agreement pools at each stage's grid; it must equal ranking the aggregated maps
+    themselves, pooled to the agreement grid (100 px: pooled 100 -> 32; 24 px: no pooling), up to
+    which of two (nearly) equal cells ranks first: bilinear upsampling leaves plateaus at the border,
+    and rounding breaks their ties differently (on the benchmark's maps: mean 5e-6, max 2.6e-3)."""
+    from xrcam.scoring import rank_correlation, score_batch
+
+    g = torch.Generator().manual_seed(5)
+    shapes = {"layer1": (25, 25), "layer2": (13, 13), "layer3": (7, 7), "layer4": (4, 4)}
+    raw = {
+        m: {layer: torch.randn(3, *shape, generator=g) for layer, shape in shapes.items()}
+        for m in ("gradcam", "layercam", "xrelevancecam")
+    }
+    sets = ["1", "4", "4+3", "4+3+2+1"]
+    scores = score_batch(raw, size=size, layer_sets=sets, agreement_with="xrelevancecam", keep_maps=True)
+    agg = scores.maps  # (K, M, B, S, S), M in raw's order
+    expected = rank_correlation(agg, agg[:, 2:3])
+    difference = (scores.agreement["rank_corr"] - expected).abs()
+    assert difference.max() < 0.02 and difference.mean() < 2e-3, difference
+    assert torch.allclose(scores.agreement["rank_corr"][:, 2], torch.ones(len(sets), 3))
+    assert (scores.agreement["rank_corr"][:, :2] < 0.999).all()
+
+
 def test_rank_correlation_of_a_monotone_transform_is_one_and_of_the_reverse_minus_one():
     from xrcam.scoring import rank_correlation
 

@@ -181,7 +181,7 @@ def reduce_video(
     sets = list(settings.layer_sets)
     config = store.preprocess_config() if "intensity" in settings.references else None
 
-    parts: dict[tuple[str, int], list[pa.Table]] = {}  # (name, layer set index) -> chunks in frame order
+    parts: dict[tuple[str, int], list[dict]] = {}  # (name, layer set index) -> column chunks in frame order
     agreement: dict[tuple[int, int], list[pa.Table]] = {}  # (method, layer set) -> chunks in frame order
     for start in range(0, frames, chunk):
         stop = min(start + chunk, frames)
@@ -244,10 +244,10 @@ def reduce_video(
                     parts, base, picked, ref.methods, sets, ref.iou.numpy(), ref.mask_area.numpy(), size, True
                 )
     release_scratch()  # the scoring core's reused batch buffers: held per video, not per process
-    by_name: dict[str, list[pa.Table]] = {}
+    by_name: dict[str, list[dict]] = {}
     for (name, _k), chunks in sorted(parts.items(), key=lambda item: item[0][1]):  # layer set, then frame
         by_name.setdefault(name, []).extend(chunks)
-    metrics = {name: _with_axioms(pa.concat_tables(ts), axioms, name) for name, ts in by_name.items()}
+    metrics = {name: _with_axioms(_metric_table(chunks), axioms, name) for name, chunks in by_name.items()}
     return {
         "metrics": metrics,
         "agreement": pa.concat_tables([t for k in sorted(agreement) for t in agreement[k]])
@@ -315,11 +315,10 @@ def _frame_columns(
 
 
 def _collect(parts, base, rows, names, sets, iou, area, size, is_reference) -> None:
-    """Append the rows of ``names`` x ``sets`` for frames ``rows`` (indices into ``base``)."""
+    """Append the rows of ``names`` x ``sets`` for frames ``rows`` (indices into ``base``) as numpy
+    columns; :func:`_metric_table` makes one Arrow table of them per name (one per batch and layer set
+    cost more than the scoring of small crops)."""
     import numpy as np
-    import pyarrow as pa
-
-    from workflows import tables
 
     frame_cols = {name: values[rows] for name, values in base.items()}
     n = len(rows)
@@ -333,10 +332,21 @@ def _collect(parts, base, rows, names, sets, iou, area, size, is_reference) -> N
                 "mask_area": area[k, m].astype(np.float32),
                 "mask_fraction": (area[k, m] / float(size * size)).astype(np.float32),
                 "iou": iou[k, m].astype(np.float32),
-                "conservation": np.full(n, np.nan, dtype=np.float32),
-                "sensitivity": np.full(n, np.nan, dtype=np.float32),
             }
-            parts.setdefault((name, k), []).append(pa.table(columns, schema=tables.METRIC_SCHEMA))
+            parts.setdefault((name, k), []).append(columns)
+
+
+def _metric_table(chunks: list[dict[str, np.ndarray]]) -> pa.Table:
+    """One metrics table from :func:`_collect`'s column chunks, in their order (axiom columns empty)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from workflows import tables
+
+    columns = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
+    empty = np.full(len(columns["iou"]), np.nan, dtype=np.float32)
+    columns.update(conservation=empty, sensitivity=empty)
+    return pa.table(columns, schema=tables.METRIC_SCHEMA)
 
 
 def _agreement_rows(base, rows, methods, sets, agreement, against) -> dict[tuple[int, int], pa.Table]:
@@ -407,30 +417,55 @@ def _failure(key: str, exc: BaseException) -> dict[str, str]:
     return {"video_key": key, "error_type": type(cause).__name__, "message": str(cause).splitlines()[0][:500]}
 
 
-def _serial(
-    results: Path, keys: Sequence[str], settings: ReduceSettings, axioms
+def _in_process(
+    results: Path, keys: Sequence[str], settings: ReduceSettings, axioms, threads: int
 ) -> Iterator[tuple[str, Any]]:
-    """(video_key, rows or a failure record) per video, in this process.
+    """(video_key, rows or a failure record) per video, scored in this process by ``threads`` threads.
 
-    Each video is scored single-threaded, as a Ray task is: the scoring is a stream of memory-bound
-    ops on batch-sized tensors, where a second intra-op thread gains little on a free machine and,
-    on a busy one, costs several times over (2 threads on a loaded 2-core machine: 64 frames at
-    230 px in 24 s instead of 5 s). The caller's thread count is restored afterwards.
+    No Ray on one machine: scoring is torch code that releases the GIL, so threads use every core
+    without a Ray start-up (seconds, more than the scoring of many videos) or moving rows between
+    processes. Each video is scored by one thread with one intra-op thread, as a Ray task is: the
+    scoring is a stream of memory-bound ops on batch-sized tensors, where a second intra-op thread
+    gains less than a second video does. At most ``2 * threads`` videos are in flight (memory stays
+    bounded per video); results come in submission order, so rows are written in the same order on
+    every run. The caller's torch thread count is restored afterwards.
     """
     import torch
 
     from workflows.ray_session import tune_process
 
     tune_process()
-    threads = torch.get_num_threads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def one(key: str) -> dict[str, Any]:
+        try:
+            return reduce_video(results, key, settings, axioms=axioms)
+        except Exception as exc:  # noqa: BLE001 - as on Ray: a damaged video is recorded, the rest carries on
+            return _failure(key, exc)
+
     try:
-        for key in keys:
-            try:
-                yield key, reduce_video(results, key, settings, axioms=axioms, torch_threads=1)
-            except Exception as exc:  # noqa: BLE001 - as on Ray: a damaged video is recorded, the rest carries on
-                yield key, _failure(key, exc)
+        if threads <= 1:
+            for key in keys:
+                yield key, one(key)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="xrcam-reduce") as pool:
+            pending: deque = deque()
+            todo = iter(keys)
+            for key in todo:
+                pending.append((key, pool.submit(one, key)))
+                if len(pending) >= 2 * threads:
+                    break
+            while pending:
+                key, future = pending.popleft()
+                for nxt in todo:
+                    pending.append((nxt, pool.submit(one, nxt)))
+                    break
+                yield key, future.result()
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _on_ray(
@@ -488,8 +523,10 @@ def reduce_results(
 ) -> dict[str, Any]:
     """Reduce every complete video of ``results``, then write the metrics dataset and summary tables.
 
-    ``workers=0`` runs in this process without Ray; otherwise videos are Ray tasks on the cluster at
-    ``address`` or on a local Ray (127.0.0.1) with ``workers`` CPUs (default: all cores). Holds the
+    ``workers`` videos are reduced at a time (default: all cores): as Ray tasks on the cluster at
+    ``address`` (else ``XRCAM_ADDRESS``) when one is given, otherwise by threads of this process (no
+    local Ray: see :func:`_in_process`); ``workers=0`` reduces one video at a time in this process
+    even with an address. Holds the
     results folder's lock throughout. ``on_start(total)`` is called once the videos to reduce are
     known, ``on_video(done, total)`` after each video. Returns the summary also written to
     ``RESULTS/reduce.json``.
@@ -524,15 +561,16 @@ def reduce_results(
         }
         if workers is None:
             workers = os.cpu_count() or 1
+        parallel = max(1, min(workers, len(complete)))
         axioms = _axiom_lookup(results)
         names = list(store.methods)
         names += [f"inverted_{m}" for m in settings.inverted_for(store.methods)] + list(settings.references)
+        from workflows.ray_session import resolve_address
+
         videos = (
-            _serial(results, complete, settings, axioms)
-            if workers == 0
-            else _on_ray(
-                results, complete, settings, address, max(1, min(workers, len(complete) or 1)), axioms
-            )
+            _on_ray(results, complete, settings, address, parallel, axioms)
+            if workers and resolve_address(address)
+            else _in_process(results, complete, settings, axioms, parallel if workers else 1)
         )
         writer = tables.DatasetWriter(results, names, metadata)
         failures = []

@@ -37,13 +37,14 @@ _DEFAULTS = ReduceSettings.__dataclass_fields__
 @click.option(
     "--address",
     default=None,
-    help="Ray cluster to join (default: start a local Ray on 127.0.0.1, no dashboard).",
+    help="Ray cluster to reduce on, one task per video (default: reduce in this process, no Ray).",
 )
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
     default=None,
-    help="Videos reduced in parallel (default: all cores); 0 runs in this process without Ray.",
+    help="Videos reduced in parallel (default: all cores): threads of this process, or Ray tasks with "
+    "--address; 0 reduces one video at a time in this process.",
 )
 @click.option(
     "--chunk-frames",
