@@ -199,9 +199,10 @@ def test_the_tree_view_of_a_video_has_the_coordinates_of_open_dataset(tmp_path):
 
 def test_root_coordinates_left_incomplete_by_a_crash_are_repaired_by_the_next_video(tmp_path):
     store = ResultStore.open(tmp_path, SETTINGS)
-    store.create_video(FOUR_STAGES)
+    bigger = replace(LAYOUT, crop=(0, 0, 32), input_size=None)
+    store.create_video(bigger)
     # as if the driver died writing the first video's root coordinates (another grid, part of them)
-    del store.group["layer3_x"], store.group["layer3_y"], store.group[FOUR_STAGES.key]
+    del store.group["layer4_x"], store.group[bigger.key]
     store.create_video(LAYOUT)  # the first video (again): the root takes its grid, whole
     assert set(store.group.array_keys()) == {
         "cam",
@@ -220,6 +221,33 @@ def test_root_coordinates_left_incomplete_by_a_crash_are_repaired_by_the_next_vi
     tree = store.open_datatree()
     for layout in (LAYOUT, other, third):
         assert tree[layout.key].to_dataset()["layer4_x"].values.tolist() == [11.5]
+
+
+def test_creating_and_opening_a_video_never_lists_the_root(tmp_path, monkeypatch):
+    """Listing the root reads every video group's metadata: per video, that would be quadratic."""
+    from zarr.core.group import AsyncGroup
+
+    members, listed = AsyncGroup.members, []
+
+    def members_noting_the_root(group, *args, **kwargs):
+        if group.path == "":
+            listed.append(group.store_path)
+        return members(group, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncGroup, "members", members_noting_the_root)
+    store = ResultStore.open(tmp_path, SETTINGS)
+    store.create_video(LAYOUT)  # the first video lists the (empty) root
+    other = replace(LAYOUT, video_id="glioblastoma/p2/v.mkt", crop=(0, 0, 32), input_size=None)
+    store.create_video(other)  # another grid: the demotion lists it
+    shared = ResultStore.open(tmp_path / "shared", SETTINGS)
+    shared.create_video(LAYOUT)
+    listed.clear()
+    for n in range(3, 5):  # from here on: videos that hold their own grid, or inherit the root's
+        store.create_video(replace(LAYOUT, video_id=f"meningioma/p{n}/v.mkt"))
+        shared.create_video(replace(LAYOUT, video_id=f"meningioma/p{n}/v.mkt"))
+    assert store.open_dataset(other.key).sizes["y"] == 32
+    assert shared.open_dataset(LAYOUT.key)["y"].values[0] == 23
+    assert listed == []
 
 
 def test_a_format_2_store_with_coordinates_in_every_video_reads_and_resumes(tmp_path):

@@ -349,6 +349,7 @@ class ResultStore:
         self.root = Path(root)
         self.group = group
         self._layouts: dict[str, VideoLayout] = {}
+        self._own_grids = False  # known to be a store whose videos hold their own grid coordinates
 
     @property
     def maps_path(self) -> Path:
@@ -499,7 +500,7 @@ class ResultStore:
         shard = self.shard_frames(layout)
         if shard % chunk:
             raise XrcamConfigError(f"shard of {shard} frames is not a multiple of chunk_frames={chunk}")
-        held = self._root_grid()
+        held = self._root_grid(layout)
         shared = self._place_grid(layout, held)
         size, methods = layout.size, self.methods
         attrs = {
@@ -552,11 +553,19 @@ class ResultStore:
             _consolidate(self.maps_path)
         return group
 
-    def _root_grid(self) -> dict[str, int]:
-        """Length of each grid coordinate the root holds; ``{}`` when every video holds its own."""
-        return {
-            name: self.group[name].shape[0] for name in self.group.array_keys() if name not in (METHOD, CLASS)
-        }
+    def _root_grid(self, layout: VideoLayout) -> dict[str, int]:
+        """Length of each grid coordinate the root holds; ``{}`` when every video holds its own.
+
+        Looked up by name (the run's layers and ``layout``'s), not by listing the root, which would read
+        every video group's metadata."""
+        layers = dict.fromkeys([*self.layers, *layout.map_shapes])
+        held = {}
+        for name in (Y, X, *(f"{layer}_{axis}" for layer in layers for axis in "yx")):
+            try:
+                held[name] = self.group[name].shape[0]
+            except KeyError:
+                continue
+        return held
 
     def _place_grid(self, layout: VideoLayout, held: Mapping[str, int]) -> bool:
         """Make the grid coordinates of ``layout`` available to its group before it is created: ``True``
@@ -570,10 +579,11 @@ class ResultStore:
         wanted = {name: len(values) for name, values, _ in _grid_coords(layout)}
         if dict(held) == wanted:
             return True
+        if not held and self._own_grids:
+            return False
         others = [key for key in self.video_keys() if key != layout.key]
         if not others:  # the first video (or the first again, after a crash): the root takes its grid
-            for name in set(held) - set(wanted):
-                del self.group[name]
+            self._delete_root_grid(keep=wanted)
             _write_coords(self.group, _grid_coords(layout))
             return True
         if held:
@@ -584,12 +594,13 @@ class ResultStore:
                 layout.video_id,
                 layout.size,
             )
-            self._demote(others, held)
+            self._demote(others)
+        self._own_grids = True
         return False
 
-    def _demote(self, keys: Iterable[str], held: Iterable[str]) -> None:
+    def _demote(self, keys: Iterable[str]) -> None:
         """Write each video's own grid coordinates (from its own layout) into its group, then delete the
-        root's ``held`` ones. Idempotent: a demotion cut short by a crash is redone by the next one."""
+        root's. Idempotent: a demotion cut short by a crash is redone by the next one."""
         for key in keys:
             layout = self.layout(key)
             if layout is None:  # half-created: create_video redoes it whole, with its own coordinates
@@ -598,7 +609,11 @@ class ResultStore:
             _write_coords(group, _grid_coords(layout, own=True))
             if group.attrs.get("complete"):  # its consolidated metadata must list the new arrays
                 _consolidate(self.maps_path, key)
-        for name in held:
+        self._delete_root_grid()
+
+    def _delete_root_grid(self, keep: Iterable[str] = ()) -> None:
+        """Delete every root array but ``cam``, ``class`` and ``keep`` (lists the root: once per store)."""
+        for name in [name for name in self.group.array_keys() if name not in {METHOD, CLASS, *keep}]:
             del self.group[name]
 
     # ----------------------------------------------------------------- writing (workers)
@@ -700,12 +715,15 @@ class ResultStore:
         layout = self.layout(key)
         if layout is not None:  # groups written before the root grid kept the formulas on y/x only
             attrs = {**_source_attrs(layout), **attrs}
-        root_grid = set(self.group.array_keys()) - {METHOD, CLASS}
-        inherited = {  # the grid coordinates a video inherits from the root (none once it holds its own)
-            name: ((name,), np.asarray(self.group[name][:]), self.group[name].attrs.asdict())
-            for name in ds.dims
-            if name not in ds.coords and name in root_grid
-        }
+        inherited = {}  # the grid coordinates a video inherits from the root (none once it holds its own)
+        for name in ds.dims:
+            if name in ds.coords or name in (METHOD, CLASS):
+                continue
+            try:
+                array = self.group[name]  # by name: listing the root would read every video's metadata
+            except KeyError:
+                continue
+            inherited[name] = ((name,), np.asarray(array[:]), array.attrs.asdict())
         logits = np.asarray(ds[LOGITS].values)
         written = ~np.isnan(logits).any(axis=1)
         safe = np.nan_to_num(logits, nan=0.0)
