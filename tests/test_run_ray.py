@@ -19,10 +19,11 @@ import torch
 from click.testing import CliRunner
 
 import xrcam
+from workflows import results
 from workflows.cli import main
 from workflows.driver import run
 from workflows.settings import RunSettings
-from workflows.store import ResultStore, map_name
+from workflows.store import ResultStore
 from xrcam.io.readers import open_video
 from xrcam.models import save_checkpoint
 from xrcam.preprocess import PreprocessConfig, Preprocessor
@@ -125,33 +126,32 @@ def test_every_frame_once_maps_match_and_failures_are_recorded(setup, first_run)
     assert "frame_000006.png" in frame_failure.message
     assert frame_failure.frame == 6  # the frame column names it too (interface 9)
 
-    store = ResultStore.open(out)
-    keys = store.video_keys()
+    res = results.open(out)  # the read API the run's summary prints
+    keys = res.video_keys
     assert len(keys) == 5
     model = xrcam.load_model("resnet18", num_classes=2, checkpoint=setup["checkpoint"])
     explainer = xrcam.create_explainer(model, methods=["gradcam", "xrelevancecam"])
     for key in keys:
-        group = store.video(key)
+        ds = res.video(key)
+        written = ~np.isnan(ds["logits"].values).any(axis=1)
+        frame_index = np.where(written, ds["frame"].values, -1).tolist()  # -1: never written
         if key == "glioblastoma__P09__V01":
-            assert group.attrs["complete"] is False
-            assert group["frame_index"][:].tolist() == [0, 2, -1, -1]  # shard 0 written, shard 1 failed
+            assert ds.attrs["complete"] is False
+            assert frame_index == [0, 2, -1, -1]  # shard 0 written, shard 1 failed
             continue
-        assert group.attrs["complete"] is True
-        assert group["frame_index"][:].tolist() == [0, 2, 4, 6]  # every kept frame exactly once
-        with open_video(group.attrs["path"]) as reader:
+        assert ds.attrs["complete"] is True
+        assert frame_index == [0, 2, 4, 6]  # every kept frame exactly once
+        with open_video(ds.attrs["path"]) as reader:
             pre = Preprocessor.for_video(reader, PreprocessConfig(frame_step=2))
             frames = np.stack([frame for _, frame in reader.read(0, None, 2)])
         exp = explainer(pre(frames))
-        np.testing.assert_array_equal(group["predicted"][:], exp.logits.argmax(1).numpy())
+        np.testing.assert_array_equal(ds["predicted"].values, exp.logits.argmax(1).numpy())
         for method in ("gradcam", "xrelevancecam"):
             for layer in ("layer1", "layer4"):
                 expected = exp.maps[method][layer].numpy()
-                stored = group[map_name(method, layer)][:].astype(np.float32)
+                stored = ds[layer].sel(cam=method).values.astype(np.float32)
                 np.testing.assert_allclose(stored, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
-
-    from workflows import results
-
-    ds = results.open(out).video(keys[0])  # the read API the run's summary prints
+    ds = res.video(keys[0])
     assert ds.sizes["frame"] == 4 and "layer2" in ds
     summary = json.loads((out / "run.json").read_text())
     assert summary["shards_processed"] == 9 and summary["frames_processed"] == 18
@@ -233,6 +233,9 @@ def test_killed_worker_is_replaced_and_the_store_equals_an_uninterrupted_run(set
     assert summary.shards_processed == 9 and len(summary.failures) == 2
     reference, redone = ResultStore.open(first_run["out"]), ResultStore.open(out)
     assert redone.video_keys() == reference.video_keys()
+    assert sorted(redone.group.array_keys()) == sorted(reference.group.array_keys())
+    for name in reference.group.array_keys():  # cam, class and the grid coordinates the root holds
+        np.testing.assert_array_equal(reference.group[name][:], redone.group[name][:], err_msg=name)
     for key in reference.video_keys():
         a, b = reference.video(key), redone.video(key)
         assert sorted(a.array_keys()) == sorted(b.array_keys())
