@@ -71,7 +71,10 @@ def test_open_lists_settings_classes_videos_and_the_tree(run):
     assert res.video_keys == sorted(ResultStore.open(run["out"]).video_keys())
     assert sorted(res.tree.children) == res.video_keys
     key = res.video_keys[0]
-    assert res.video(key)["layer2"].dims == ("cam", "frame", "layer2_y", "layer2_x")
+    ds = res.video(key)
+    assert ds["layer2"].dims == ("cam", "frame", "layer2_y", "layer2_x")
+    assert set(ds.coords) == set(res.tree[key].to_dataset().coords)  # the grid too, wherever it is stored
+    assert ds["y"].values[0] == ds.sizes["y"] - 1 and ds["y"].attrs["source_row"] == ds.attrs["source_row"]
     entry = run["entries"][0]
     assert res.video(entry.video_id).attrs["video_id"] == entry.video_id  # a video id works as a key
     assert {"table1", "table2", "miou", "agreement", "accuracy_per_class"} <= set(res.table_names)
