@@ -12,7 +12,8 @@ process and on the same frames:
    on a shared machine wall-clock ratios follow the other jobs' load, so the CPU seconds per frame
    (bare explainer process vs. the worker process, all its threads) are printed as well;
 3. the store's bytes on disk divided by the frames;
-4. ``xrcam run`` + ``xrcam reduce`` (in process, ``--workers 0``) on that archive, in child processes,
+4. ``xrcam run`` + ``xrcam reduce`` (in process on every core: this tree's default, one thread per
+   video; the baseline's ``--workers 0``, torch's intra-op threads) on that archive, in child processes,
    with this tree and with the code of the round's starting point (commit 3e36d69, from the
    ``git worktree`` that ``bench_reduce.py`` makes at /tmp/xrcam-baseline), side by side: run and
    reduction time, their ratio, bytes per frame and files per 1,000 frames of the whole results folder.
@@ -79,8 +80,12 @@ def _child(archive: str, checkpoint: str, out: str, crop: str, batch_size: int) 
     started = time.perf_counter()
     summary = run(settings, progress=False)
     run_seconds = time.perf_counter() - started
+    from workflows import reduce
+
+    # this tree reduces in process by default (no address: threads); the baseline's in-process mode is 0
+    in_process = None if hasattr(reduce, "_in_process") else 0
     started = time.perf_counter()
-    reduced = reduce_results(out, workers=0)
+    reduced = reduce_results(out, workers=in_process)
     reduce_seconds = time.perf_counter() - started
     files = [p for p in Path(out).rglob("*") if p.is_file() and not p.name.endswith(".lock")]
     print(
