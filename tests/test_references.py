@@ -84,3 +84,18 @@ def test_unknown_name_and_bad_shapes(scene):
         reference_map("sobel", gt=gt, frames=frames, shape=(4, 4))
     with pytest.raises(XrcamConfigError):
         reference_map("oracle", gt=gt[0], frames=frames[0], shape=(4, 4))
+
+
+@pytest.mark.parametrize("name", REFERENCES)
+def test_reference_maps_of_every_stage_equal_one_call_per_stage(scene, name):
+    from xrcam.references import reference_maps
+
+    gt, frames = scene
+    shapes = [(24, 24), (12, 12), (6, 6), (3, 3)]
+    together = reference_maps(
+        name, gt=gt, frames=frames, shapes=shapes, generator=torch.Generator().manual_seed(1)
+    )
+    one = torch.Generator().manual_seed(1)  # random: the same draws, stage after stage
+    apart = [reference_map(name, gt=gt, frames=frames, shape=s, generator=one) for s in shapes]
+    for a, b in zip(together, apart, strict=True):
+        assert torch.equal(a, b)

@@ -279,23 +279,10 @@ def test_rank_correlation_of_a_monotone_transform_is_one_and_of_the_reverse_minu
     assert torch.isnan(rank_correlation(torch.zeros(1, 5, 5), a[:1, :5, :5], grid=None)).all()
 
 
-def test_reference_rows_go_through_the_same_steps(monkeypatch):
-    """References come from xrcam.references (interface 6); here a stand-in with the same signature."""
-    import sys
-    import types
-
+def test_reference_rows_go_through_the_same_steps():
+    """Reference maps (xrcam.references) are scored like a method's: the oracle beats random."""
     from xrcam.scoring import score_batch
 
-    def reference_map(name, *, gt, frames, shape, generator=None):
-        if name == "oracle":
-            return F.adaptive_avg_pool2d(gt[:, None].float(), shape)[:, 0]
-        return torch.rand(gt.shape[0], *shape, generator=generator)
-
-    fake = types.SimpleNamespace(REFERENCES=("random", "oracle"), RANDOM_DRAWS=3, reference_map=reference_map)
-    monkeypatch.setitem(sys.modules, "xrcam.references", fake)
-    import xrcam
-
-    monkeypatch.setattr(xrcam, "references", fake, raising=False)
     raw = _raw_batch(methods=("gradcam",))
     gt = torch.zeros(3, 32, 32, dtype=torch.bool)
     gt[:, 4:20, 4:20] = True

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from xrcam.errors import XrcamConfigError
 
-__all__ = ["REFERENCES", "RANDOM_DRAWS", "CENTRE_SIGMA", "INTENSITY_SIGMA", "reference_map"]
+__all__ = ["REFERENCES", "RANDOM_DRAWS", "CENTRE_SIGMA", "INTENSITY_SIGMA", "reference_map", "reference_maps"]
 
 #: The reference rows, in the order tables print them.
 REFERENCES = ("random", "centre", "oracle", "intensity")
@@ -82,7 +82,30 @@ def reference_map(
     crops ``(B, S, S)`` in [0, 1] (before the model's mean/std). The result lives on ``gt``'s device.
     ``generator`` seeds ``random`` (a CPU generator for CPU tensors; a fresh draw per call otherwise).
     """
+    return reference_maps(name, gt=gt, frames=frames, shapes=[shape], generator=generator)[0]
+
+
+def reference_maps(
+    name: str,
+    *,
+    gt: Tensor,
+    frames: Tensor,
+    shapes: list[tuple[int, int]],
+    generator: torch.Generator | None = None,
+) -> list[Tensor]:
+    """:func:`reference_map` at each grid of ``shapes``, in order (``random`` draws stage after stage).
+
+    The work shared by every grid is done once: the intensity map's blur of the full-size crops.
+    """
     _check(gt, frames)
+    if name == "intensity":
+        sigma = max(1.0, INTENSITY_SIGMA * max(frames.shape[-2:]))
+        smooth = _gaussian_blur(frames.float(), sigma)[:, None]
+        return [1.0 - F.adaptive_avg_pool2d(smooth, (int(h), int(w)))[:, 0] for h, w in shapes]
+    return [_reference_at(name, gt, shape, generator) for shape in shapes]
+
+
+def _reference_at(name: str, gt: Tensor, shape: tuple[int, int], generator: torch.Generator | None) -> Tensor:
     h, w = int(shape[0]), int(shape[1])
     batch, device = gt.shape[0], gt.device
     if name == "random":
@@ -94,8 +117,4 @@ def reference_map(
         return g.expand(batch, h, w).clone()
     if name == "oracle":
         return F.adaptive_avg_pool2d(gt.float()[:, None], (h, w))[:, 0]
-    if name == "intensity":
-        sigma = max(1.0, INTENSITY_SIGMA * max(frames.shape[-2:]))
-        smooth = _gaussian_blur(frames.float(), sigma)
-        return 1.0 - F.adaptive_avg_pool2d(smooth[:, None], (h, w))[:, 0]
     raise XrcamConfigError(f"unknown reference {name!r}; choose one of {', '.join(REFERENCES)}")

@@ -789,9 +789,11 @@ def _score_references(
         if name == "random" and frame_seeds is not None:
             per_frame = [torch.Generator().manual_seed(int(seed)) for seed in frame_seeds]
         for _ in range(repeats):  # draw order as ever: draw, then stage, then frame
-            for j, shape in enumerate(shapes):
-                if per_frame is not None:
-                    stage = torch.cat(
+            if per_frame is None:
+                stages = refs.reference_maps(name, gt=gt, frames=frames, shapes=shapes, generator=generator)
+            else:
+                stages = [
+                    torch.cat(
                         [
                             refs.reference_map(
                                 name,
@@ -803,8 +805,9 @@ def _score_references(
                             for i, g in enumerate(per_frame)
                         ]
                     )
-                else:
-                    stage = refs.reference_map(name, gt=gt, frames=frames, shape=shape, generator=generator)
+                    for shape in shapes
+                ]
+            for j, stage in enumerate(stages):
                 rows[j].append(stage.to(device).float())
         spans[name] = (first, len(rows[0]))
     gt_flat = gt.to(device).flatten(-2)
