@@ -30,7 +30,8 @@ def _evaluate(*args: str):
 def test_evaluate_writes_consistent_tables(archive, tmp_path):
     out = tmp_path / "eval"
     result = _evaluate(
-        archive, "--model", "resnet18", "--methods", ",".join(METHODS), "--max-frames", 4, "--axioms", "--sanity",
+        archive, "--model", "resnet18", "--random-init", 0, "--methods", ",".join(METHODS), "--max-frames", 4,
+        "--axioms", "--sanity",
         "--sample-frames", 2, "--mc-samples", 2, "--dropout", 0.1, "--out", out,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -117,13 +118,17 @@ def test_evaluate_reads_model_and_classes_from_the_checkpoint_and_honours_split(
 
 
 def test_evaluate_explains_what_to_do_on_bad_options(archive, tmp_path):
-    result = _evaluate(archive, "--model", "resnet18", "--mc-samples", 3, "--out", tmp_path)
+    result = _evaluate(archive, "--model", "resnet18", "--out", tmp_path / "no-weights")
+    assert result.exit_code == 2 and "--checkpoint" in result.output and "--random-init" in result.output
+    assert not (tmp_path / "no-weights").exists()  # refused before anything is written
+    random_init = ("--random-init", 0)
+    result = _evaluate(archive, "--model", "resnet18", *random_init, "--mc-samples", 3, "--out", tmp_path)
     assert result.exit_code != 0 and "--dropout" in result.output
-    result = _evaluate(archive, "--model", "resnet18", "--layer-sets", "4+x", "--out", tmp_path)
+    result = _evaluate(archive, "--model", "resnet18", *random_init, "--layer-sets", "4+x", "--out", tmp_path)
     assert result.exit_code != 0 and "layer set" in result.output
-    result = _evaluate(archive, "--model", "resnet18", "--threshold", "median", "--out", tmp_path)
+    result = _evaluate(archive, "--model", "resnet18", *random_init, "--threshold", "median", "--out", tmp_path)
     assert result.exit_code != 0 and "threshold" in result.output
-    result = _evaluate(archive, "--model", "resnet18", "--rules", "nonsense", "--out", tmp_path)
+    result = _evaluate(archive, "--model", "resnet18", *random_init, "--rules", "nonsense", "--out", tmp_path)
     assert result.exit_code == 2 and "reference" in result.output  # the registered composites are listed
     result = _evaluate(archive, "--model", "resnet18", "--classes", "one", "--random-init", 1, "--out", tmp_path)
     assert result.exit_code != 0 and "two distinct classes" in result.output

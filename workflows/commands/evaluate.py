@@ -181,6 +181,11 @@ def command(
         )
     if checkpoint and random_init is not None:
         raise click.UsageError("give either --checkpoint or --random-init SEED, not both")
+    if not checkpoint and random_init is None:  # as `xrcam run`: never silently random weights
+        raise click.UsageError(
+            "no weights given: pass --checkpoint FILE (a model trained for these classes), or "
+            "--random-init SEED to score seeded random weights (the ones `xrcam run --random-init SEED` explained)"
+        )
     try:
         run = RunSettings.resolve(
             archive=str(archive),
