@@ -56,14 +56,19 @@ def command(out: Path, model: str, epochs: int, workers: int, seed: int) -> None
     from workflows.cli import main
 
     started, cpu = time.monotonic(), _cpu_seconds()
+    finished_with_failures = []  # exit status 1: the step finished, some videos failed (they are listed)
     for args in _steps(out, model, epochs, workers, seed):
         click.secho(f"\n$ xrcam {shlex.join(args)}", bold=True)
-        main.main(args=args, prog_name="xrcam", standalone_mode=False)
+        if main.main(args=args, prog_name="xrcam", standalone_mode=False):
+            finished_with_failures.append(f"xrcam {args[0]}")
     _print_summary(out)
     click.echo(
         f"\nDemo finished in {time.monotonic() - started:.0f} s "
         f"({_cpu_seconds() - cpu:.0f} CPU-seconds in this process and its finished child processes)."
     )
+    if finished_with_failures:
+        click.echo(f"Finished with failures (see above): {', '.join(finished_with_failures)}.", err=True)
+        raise click.exceptions.Exit(1)
 
 
 def _cpu_seconds() -> float:
