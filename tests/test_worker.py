@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import xrcam
+from workflows import results
 from workflows.driver import plan_shards
 from workflows.settings import RunSettings
-from workflows.store import ResultStore, map_name
+from workflows.store import ResultStore
 from workflows.worker import ShardWorker
 from xrcam.archive import discover_archive, load_masks
 from xrcam.io.readers import open_video
@@ -71,31 +72,33 @@ def test_stored_maps_equal_the_explainer_on_the_same_frames(archive, tmp_path):
 
     model = xrcam.load_model("resnet18", num_classes=2, checkpoint=checkpoint)
     explainer = xrcam.create_explainer(model)
+    res = results.open(settings.out)  # the read API
     for entry in entries:
-        group = store.video(entry.video_id.replace("/", "__"))
-        assert group.attrs["complete"] is True
-        assert group.attrs["label_index"] == CLASSES.index(entry.label)
+        ds = res.video(entry.video_id.replace("/", "__"))
+        assert ds.attrs["complete"] is True
+        assert ds.attrs["label_index"] == CLASSES.index(entry.label)
         with open_video(entry.path) as reader:
             pre = Preprocessor.for_video(reader, PreprocessConfig(frame_step=2))
             indices, frames = zip(*reader.read(0, None, 2), strict=True)
-        np.testing.assert_array_equal(group["frame_index"][:], indices)  # every kept frame exactly once
-        assert list(group.attrs["crop"]) == list(pre.crop)
+        np.testing.assert_array_equal(ds["frame"].values, indices)  # every kept frame exactly once
+        assert not np.isnan(ds["logits"].values).any()  # ... and every one written
+        assert list(ds.attrs["crop"]) == list(pre.crop)
         exp = explainer(pre(np.stack(frames)))
-        np.testing.assert_allclose(group["logits"][:], exp.logits.numpy(), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(group["probabilities"][:], exp.probabilities.numpy(), rtol=1e-4, atol=1e-5)
-        np.testing.assert_array_equal(group["predicted"][:], exp.logits.argmax(1).numpy())
+        np.testing.assert_allclose(ds["logits"].values, exp.logits.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(ds["probabilities"].values, exp.probabilities.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(ds["predicted"].values, exp.logits.argmax(1).numpy())
         for method in xrcam.list_methods():
             for layer in settings.layers:
-                stored = group[map_name(method, layer)][:]
+                stored = ds[layer].sel(cam=method).values
                 expected = exp.maps[method][layer].numpy()
                 assert stored.dtype == np.float16 and stored.shape == expected.shape
                 scale = np.abs(expected).max()
                 np.testing.assert_allclose(stored.astype(np.float32), expected, rtol=2e-3, atol=2e-3 * scale)
         masks = load_masks(entry)
-        np.testing.assert_array_equal(group["has_gt_mask"][:], [i in masks for i in indices])
+        np.testing.assert_array_equal(ds["has_gt_mask"].values, [i in masks for i in indices])
         for row, index in enumerate(indices):
             expected_mask = pre.crop_mask(masks[index]) if index in masks else np.zeros((pre.crop.size,) * 2)
-            np.testing.assert_array_equal(group["gt_mask"][row], expected_mask.astype(np.uint8))
+            np.testing.assert_array_equal(ds["gt_mask"].values[row], expected_mask.astype(np.uint8))
         assert any(masks) or entry.label == "glioblastoma"
 
 
@@ -164,8 +167,9 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_results(archive, tmp_path)
     _, manifests = _run_all(worker, store, settings)
     assert all(m["error"] is None for m in manifests)
     assert worker.batch_size == 2 and sizes[0] == 4 and max(sizes[1:]) == 2
-    group = store.video(store.video_keys()[0])
-    assert (group["frame_index"][:] >= 0).all() and not np.isnan(group["xrelevancecam_layer4"][:]).any()
+    ds = results.open(settings.out).video(store.video_keys()[0])
+    assert not np.isnan(ds["logits"].values).any()  # every frame written
+    assert not np.isnan(ds["layer4"].sel(cam="xrelevancecam").values).any()
 
 
 def test_split_follows_the_checkpoint_sidecar(archive, tmp_path):

@@ -71,7 +71,6 @@ __all__ = [
     "ResultStore",
     "video_key",
     "video_id_of_key",
-    "map_name",
     "settings_differences",
 ]
 
@@ -119,12 +118,6 @@ def video_key(video_id: str) -> str:
 def video_id_of_key(key: str) -> str:
     """The inverse of :func:`video_key`."""
     return key.replace("__", "/").replace("%5F", "_").replace("%25", "%")
-
-
-def map_name(method: str, layer: str) -> str:
-    """Old-style name of one method's maps at one layer (``xrelevancecam_layer1``), for readers of
-    :meth:`ResultStore.video`'s compatibility view; the store holds one variable per stage."""
-    return f"{method}_{layer}"
 
 
 # ---------------------------------------------------------------------------------------- layout
@@ -283,65 +276,6 @@ def _old_format_error(maps: Path, found: Any) -> XrcamConfigError:
     )
 
 
-class _VideoView:
-    """A video's group seen through the old per-array names (``frame_index``, ``predicted``,
-    ``<method>_<layer>``, ...) for readers written against store format 1; also ``attrs`` and the
-    new names. Read-only."""
-
-    def __init__(self, store: ResultStore, group: zarr.Group):
-        self._store, self._group = store, group
-        self.attrs = group.attrs
-        self.basename = group.basename
-
-    def __contains__(self, name: str) -> bool:
-        try:
-            self[name]
-        except KeyError:
-            return False
-        return True
-
-    def array_keys(self):
-        return self._group.array_keys()
-
-    def __getitem__(self, name: str):
-        group = self._group
-        if name in group.array_keys():
-            return group[name]
-        if name == "frame_index":
-            written = ~np.isnan(np.asarray(group[LOGITS][:, 0])) if group[LOGITS].shape[1] else None
-            frames = np.asarray(group[FRAME][:])
-            return np.where(written, frames, -1) if written is not None else frames
-        if name in ("predicted", "probabilities"):
-            logits = np.asarray(group[LOGITS][:])
-            written = ~np.isnan(logits).any(axis=1)
-            if name == "predicted":
-                return np.where(written, np.nan_to_num(logits, nan=-np.inf).argmax(axis=1), -1)
-            shifted = np.exp(logits - np.nanmax(logits, axis=1, keepdims=True))
-            return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
-        for method in self._store.methods:
-            prefix = f"{method}_"
-            if name.startswith(prefix) and name[len(prefix) :] in group.array_keys():
-                return _MethodSlice(group[name[len(prefix) :]], self._store.methods.index(method))
-        raise KeyError(name)
-
-
-class _MethodSlice:
-    """One method's slice of a stage variable, indexable like the old ``(frame, h, w)`` array."""
-
-    def __init__(self, array, index: int):
-        self._array, self._index = array, index
-        self.shape = array.shape[1:]
-        self.dtype = array.dtype
-
-    def __getitem__(self, item):
-        item = item if isinstance(item, tuple) else (item,)
-        return self._array[(self._index, *item)]
-
-    def get_orthogonal_selection(self, selection):
-        selection = selection if isinstance(selection, tuple) else (selection,)
-        return self._array.get_orthogonal_selection((self._index, *selection))
-
-
 class ResultStore:
     """One results folder. Create or reopen it with :meth:`open`; workers use :meth:`write_shard`."""
 
@@ -463,10 +397,9 @@ class ResultStore:
             return None
         return node if isinstance(node, zarr.Group) else None
 
-    def video(self, key: str) -> _VideoView | None:
-        """A video's group (``attrs`` and arrays), or ``None`` when it has not been created."""
-        group = self._group(key)
-        return None if group is None else _VideoView(self, group)
+    def video(self, key: str) -> zarr.Group | None:
+        """A video's Zarr group (``attrs`` and arrays), or ``None`` when it has not been created."""
+        return self._group(key)
 
     def layout(self, key: str) -> VideoLayout | None:
         """A video's layout, or ``None`` when its group is missing or was left half-created by a crash."""
