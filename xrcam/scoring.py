@@ -302,10 +302,8 @@ def aggregate_stack(
     if out is None:
         out = normalised.new_empty((len(layer_sets), *normalised.shape[1:]))
 
-    def copy(x: torch.Tensor, key: tuple[int, ...]) -> torch.Tensor:
-        if not scratch:
-            return x.clone()
-        return _scratch(("sum", key), x.shape, x.dtype, x.device).copy_(x)
+    def buffer(like: torch.Tensor, key: tuple[int, ...]) -> torch.Tensor | None:
+        return _scratch(("sum", key), like.shape, like.dtype, like.device) if scratch else None
 
     sums: dict[tuple[int, ...], torch.Tensor] = {}  # running sums: 4, 4+3, 4+3+2 ... share their prefix
     for k, layer_set in enumerate(layer_sets):
@@ -323,13 +321,13 @@ def aggregate_stack(
             hi = single.flatten(-2).amax(dim=-1)[..., None, None]
             torch.div(single, hi + _EPS, out=out[k])
             continue
-        # sequential float32 sums then one division: bit for bit torch.mean over a stacked dim 0
+        # sequential float32 sums then one division: bit for bit torch.mean over a stacked dim 0; each
+        # partial sum is written once (a + b into its own buffer) and reused by the longer sets
         start = max((n for n in range(2, len(picks)) if picks[:n] in sums), default=1)
-        total = copy(sums[picks[:start]] if start > 1 else normalised[picks[0]], picks)
+        total = sums[picks[:start]] if start > 1 else normalised[picks[0]]
         for n in range(start, len(picks)):
-            total += normalised[picks[n]]
-            sums[picks[: n + 1]] = copy(total, picks[: n + 1]) if n + 1 < len(picks) else total
-        sums[picks] = total
+            total = torch.add(total, normalised[picks[n]], out=buffer(total, picks[: n + 1]))
+            sums[picks[: n + 1]] = total
         torch.div(total, len(picks), out=out[k])
         _minmax_last2(out[k], out=out[k])
     return out
