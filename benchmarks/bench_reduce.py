@@ -11,9 +11,10 @@ results folder, for both, and the ratios.
     .venv/bin/python benchmarks/bench_reduce.py --frames 400 --videos 4 --size 230
     .venv/bin/python benchmarks/bench_reduce.py --frames 400 --videos 4 --references ""   # methods only
 
-Both reduce in one process on every core: the new tree with one thread per video (``--workers``,
-default all cores; ``--workers 0``: one video at a time, one thread), today's with torch's intra-op
-threads (its in-process mode, ``--workers 0``, always). ``--address`` is not used: no Ray start-up.
+Both reduce in one process on every core, timed from process start to exit: this tree as a user runs
+it, ``xrcam reduce RESULTS`` (one thread per video, ``--workers``, default all cores; ``--workers 0``:
+one video at a time, one thread), today's as its library call ``reduce_results(workers=0)`` with
+torch's intra-op threads (its ``xrcam reduce`` would first start a local Ray).
 
 Targets (issue 15): >= 10x today's frames/s at 230 px; <= 100 KB per frame and <= 200 files per
 1,000 frames for the whole results folder. Asserts nothing.
@@ -110,14 +111,15 @@ def build_store(root: Path, frames: int, videos: int, size: int, chunk: int, sha
 
 
 def _child(results: str, workers: int, references: str, agreement: str) -> None:
-    from workflows.reduce import ReduceSettings, reduce_results
+    """``xrcam reduce`` as a user types it (this process is the command's process)."""
+    from workflows.cli import main
 
-    refs = tuple(r for r in references.split(",") if r)
-    extra = {} if agreement == "1" else {"agreement": False, "inverted": ()}
-    summary = reduce_results(
-        results, ReduceSettings(references=refs, **extra), workers=None if workers < 0 else workers
-    )
-    print(json.dumps({"rows": summary["rows"], "videos": summary["videos"]}))
+    args = ["reduce", results, "--no-progress", "--references", references]
+    if agreement != "1":
+        args += ["--no-agreement", "--inverted", ""]
+    if workers >= 0:
+        args += ["--workers", str(workers)]
+    sys.exit(main.main(args=args, prog_name="xrcam", standalone_mode=False))
 
 
 def _tree_memory(proc) -> int:
@@ -214,11 +216,11 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="bench_reduce_"))
     results = base / "results"
     build_store(results, args.frames, args.videos, args.size, args.chunk)
-    seconds, peak, out = _measure(
+    seconds, peak, _ = _measure(
         [sys.executable, __file__, "--child", str(results), str(args.workers), args.references]
         + ["0" if args.only_methods else "1"]
     )
-    info = json.loads(out.strip().splitlines()[-1])
+    info = json.loads((results / "reduce.json").read_text())
     files, size = _files_and_bytes(results)
     new = {
         "seconds": seconds,

@@ -290,6 +290,23 @@ def test_cli_reduce_in_process(results):
     assert bad.exit_code == 1 and "xrcam run" in bad.output
 
 
+def test_cli_sign_check_and_agreement_can_be_chosen(results):
+    from workflows.cli import main
+
+    args = ["reduce", str(results), "--layer-sets", "4", "--references", ""]
+    out = CliRunner().invoke(main, [*args, "--inverted", "", "--no-agreement"])
+    assert out.exit_code == 0, out.output
+    assert not (results / AGREEMENT_DIR).exists() or pd.read_parquet(results / AGREEMENT_DIR).empty
+    assert not any(m.startswith("inverted_") for m in set(results_api.open(results).metrics()["method"]))
+    out = CliRunner().invoke(main, [*args, "--inverted", "gradcam"])
+    assert out.exit_code == 0, out.output
+    methods = set(results_api.open(results).metrics()["method"])
+    assert "inverted_gradcam" in methods and "inverted_xrelevancecam" not in methods
+    assert len(pd.read_parquet(results / AGREEMENT_DIR))  # on by default
+    out = CliRunner().invoke(main, [*args, "--inverted", "nosuchmethod"])
+    assert out.exit_code != 0 and "nosuchmethod" in out.output and "Traceback" not in out.output
+
+
 def test_cli_says_nothing_to_reduce_before_any_progress(tmp_path):
     from workflows.cli import main
 

@@ -35,6 +35,18 @@ _DEFAULTS = ReduceSettings.__dataclass_fields__
     "intensity re-reads the frames from the archive.",
 )
 @click.option(
+    "--inverted",
+    default=None,
+    help="Comma-separated methods whose negated maps are scored as inverted_<method>, the sign check "
+    "('' for none) [default: every relevance-family method that was run].",
+)
+@click.option(
+    "--agreement/--no-agreement",
+    default=_DEFAULTS["agreement"].default,
+    show_default=True,
+    help="Write the per-frame agreement of every method with XRelevanceCAM (mask IoU, rank correlation).",
+)
+@click.option(
     "--address",
     default=None,
     help="Ray cluster to reduce on, one task per video (default: reduce in this process, no Ray).",
@@ -58,6 +70,8 @@ def command(
     layer_sets: str,
     threshold: str,
     references: str,
+    inverted: str | None,
+    agreement: bool,
     address: str | None,
     workers: int | None,
     chunk_frames: int | None,
@@ -91,6 +105,8 @@ def command(
             threshold=threshold,
             chunk_frames=chunk_frames,
             references=tuple(s.strip() for s in references.split(",") if s.strip()),
+            inverted=None if inverted is None else tuple(s.strip() for s in inverted.split(",") if s.strip()),
+            agreement=agreement,
         )
     except XrcamError as exc:
         raise click.UsageError(str(exc)) from exc
