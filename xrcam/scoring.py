@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -292,11 +292,13 @@ def aggregate_stack(
     *,
     out: torch.Tensor | None = None,
     scratch: bool = False,
+    then: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """``(L, M, B, S, S)`` normalised maps of ``layers`` -> ``(K, M, B, S, S)``, one per layer set.
 
     A single-layer set is that layer's normalised map (min-max of an already [0, 1] map, as
     :func:`aggregate` gives); a multi-layer set is the mean over its layers, min-max again.
+    ``then(k, maps)`` is called as soon as set ``k`` is done, while its maps are still in the cache.
     """
     index = {layer: i for i, layer in enumerate(layers)}
     if out is None:
@@ -320,6 +322,8 @@ def aggregate_stack(
             single = normalised[picks[0]]
             hi = single.flatten(-2).amax(dim=-1)[..., None, None]
             torch.div(single, hi + _EPS, out=out[k])
+            if then is not None:
+                then(k, out[k])
             continue
         # sequential float32 sums then one division: bit for bit torch.mean over a stacked dim 0; each
         # partial sum is written once (a + b into its own buffer) and reused by the longer sets
@@ -330,6 +334,8 @@ def aggregate_stack(
             sums[picks[: n + 1]] = total
         torch.div(total, len(picks), out=out[k])
         _minmax_last2(out[k], out=out[k])
+        if then is not None:
+            then(k, out[k])
     return out
 
 
@@ -685,20 +691,21 @@ def score_stacks(
             if n.data_ptr() != normalised[i].data_ptr():  # float64 maps: not written in place
                 normalised[i] = n
         # (K, M, B, S, S); reused buffers unless the caller keeps the maps
+        masks = (
+            torch.empty((len(layer_sets), *shape), dtype=torch.bool, device=device)
+            if keep_maps
+            else _scratch("masks", (len(layer_sets), *shape), torch.bool, device)
+        )
         agg = aggregate_stack(
             normalised,
             layers,
             layer_sets,
             out=None if keep_maps else _scratch("agg", (len(layer_sets), *shape), dtype, device),
             scratch=True,
+            # each set's masks right after its maps (~12 MB for a batch of 8: still in the L3 cache)
+            then=lambda k, maps: make_masks(maps, rule, fraction=fraction, out=masks[k]),
         )
         del normalised
-        masks = make_masks(
-            agg,
-            rule,
-            fraction=fraction,
-            out=None if keep_maps else _scratch("masks", agg.shape, torch.bool, device),
-        )
         flat = masks.flatten(-2)
         areas = _count(flat)
         if gt is not None:
@@ -816,11 +823,15 @@ def _score_references(
         stacked = _scratch("ref_normalised", (len(rows), *shape), torch.float32, device)
         for j, stage in enumerate(rows):
             normalize_stack(torch.stack(stage), size, relu=[False] * len(stage), out=stacked[j])
-        agg = aggregate_stack(
-            stacked, layers, layer_sets, out=_scratch("agg", (len(layer_sets), *shape), torch.float32, device)
+        masks = _scratch("masks", (len(layer_sets), *shape), torch.bool, device)
+        aggregate_stack(
+            stacked,
+            layers,
+            layer_sets,
+            out=_scratch("agg", (len(layer_sets), *shape), torch.float32, device),
+            then=lambda k, maps: make_masks(maps, rule, fraction=fraction, out=masks[k]),
         )
-        masks = make_masks(agg, rule, fraction=fraction, out=_scratch("masks", agg.shape, torch.bool, device))
-        del stacked, agg  # (K, R, B, S, S) masks
+        del stacked  # (K, R, B, S, S) masks
         flat = masks.flatten(-2)
         area = _count(flat)
         score = _iou_with_gt(flat, area, gt_flat)
