@@ -51,11 +51,11 @@ def resolve_address(address: str | None = None) -> str | None:
 def tune_process() -> None:
     """Process-wide settings of every Ray worker process of our jobs (idempotent; callable in-process).
 
-    Fixes glibc's mmap threshold at 1 MiB, so freed chunk-sized tensors go back to the OS. By default
-    glibc raises the threshold each time a large block is freed, after which multi-MB temporaries come
-    from the heap and stay there, fragmented: a 100-frame video then grew a reducing process by ~0.7 GB.
-    A fixed threshold keeps the resident size at the working set of one chunk. No-op off glibc.
-    Also silences Ray Train's State-API polling warnings, which a session without dashboard provokes.
+    Silences Ray Train's State-API polling warnings, which a session without dashboard provokes.
+    Memory is left to glibc's defaults: a fixed 1 MiB mmap threshold (round 2's remedy for a reducing
+    process that grew by ~0.7 GB per video, before the scoring core reused its buffers) made every
+    multi-MB tensor of an explanation a fresh mapping, page-faulted anew: `xrcam run` 1.4x slower
+    (explaining 8 frames at 230 px: 0.64 -> 1.16 s), and reduce no faster.
     """
     global _tuned
     if _tuned:
@@ -65,12 +65,6 @@ def tune_process() -> None:
     # warns about it every few seconds from a helper actor: the warning says nothing actionable here
     for name in _WITHOUT_DASHBOARD_NOISE:
         logging.getLogger(name).setLevel(logging.ERROR)
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
 
 
 def _loopback_even_if_ray_was_imported() -> None:

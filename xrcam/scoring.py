@@ -83,9 +83,9 @@ _SCRATCH = threading.local()  # reusable batch-sized buffers of score_stacks (se
 def _scratch(name: object, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A buffer of ``shape`` for an intermediate of :func:`score_stacks`, reused from call to call.
 
-    The reduce workers run with a 1 MiB mmap threshold (:func:`workflows.ray_session.tune_process`),
-    so every fresh batch-sized temporary is mapped and page-faulted anew; reusing ~10 buffers per
-    thread made scoring ~1.5x faster. Never handed out to callers (``keep_maps`` results are fresh).
+    Every fresh multi-MB temporary is a new mapping, page-faulted anew (and, freed, can leave the heap
+    fragmented); reusing ~10 buffers per thread made scoring ~1.5x faster and keeps a reducing
+    process at the size of one batch. Never handed out to callers (``keep_maps`` results are fresh).
     :func:`release_scratch` frees them (reduce does after each video).
     """
     cache = getattr(_SCRATCH, "buffers", None)
@@ -402,8 +402,7 @@ def _std(flat: torch.Tensor, mean: torch.Tensor, *, rows: int | None = None) -> 
         rows = max(1, (256 * 1024) // (8 * max(1, flat.shape[1])))
     out = torch.empty(flat.shape[0], dtype=torch.float64, device=flat.device)
     shift = mean.double()[:, None]
-    # one float64 buffer for every block: a fresh multi-MB temporary per block would be mapped and
-    # page-faulted anew each time under the 1 MiB mmap threshold the reduce workers run with
+    # one float64 buffer for every block: a fresh temporary per block would be allocated anew each time
     buffer = _scratch("std", (min(rows, flat.shape[0]), flat.shape[1]), torch.float64, flat.device)
     for i in range(0, flat.shape[0], rows):
         d = buffer[: min(rows, flat.shape[0] - i)]
