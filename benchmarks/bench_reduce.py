@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -207,6 +208,13 @@ def main() -> None:
         help="score what today's reduction scores: no agreement table, no sign check (use with --references '')",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip today's figures")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure both N times, alternating, and print the median (and range): a shared machine's "
+        "wall times vary by +-10 %% from run to run",
+    )
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -216,20 +224,31 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="bench_reduce_"))
     results = base / "results"
     build_store(results, args.frames, args.videos, args.size, args.chunk)
-    seconds, peak, _ = _measure(
-        [sys.executable, __file__, "--child", str(results), str(args.workers), args.references]
-        + ["0" if args.only_methods else "1"]
-    )
+    runs, old_runs = [], []
+    for _ in range(max(1, args.repeat)):
+        seconds, peak, _ = _measure(
+            [sys.executable, __file__, "--child", str(results), str(args.workers), args.references]
+            + ["0" if args.only_methods else "1"]
+        )
+        runs.append((seconds, peak))
+        if not args.no_baseline:
+            old_runs.append(_baseline(args))
     info = json.loads((results / "reduce.json").read_text())
     files, size = _files_and_bytes(results)
+    seconds = statistics.median(r[0] for r in runs)
     new = {
         "seconds": seconds,
         "fps": args.frames / seconds,
-        "peak_gib": peak / 2**30,
+        "peak_gib": max(r[1] for r in runs) / 2**30,
         "files": files,
         "bytes": size,
     }
-    old = None if args.no_baseline else _baseline(args)
+    old = None
+    if old_runs and all(old_runs):
+        old = dict(old_runs[0])
+        old["seconds"] = statistics.median(r["seconds"] for r in old_runs)
+        old["fps"] = args.frames / old["seconds"]
+        old["peak_gib"] = max(r["peak_gib"] for r in old_runs)
     shutil.rmtree(base, ignore_errors=True)
 
     threads = os.cpu_count() if args.workers < 0 else max(1, args.workers)
@@ -240,6 +259,14 @@ def main() -> None:
         f"{', no agreement/sign check' if args.only_methods else ', agreement + sign check'}; "
         f"{info['rows']} metric rows"
     )
+    if args.repeat > 1:
+        spread = lambda xs: f"{min(xs):.1f}-{max(xs):.1f} s"  # noqa: E731
+        print(
+            f"median of {args.repeat} runs each, alternating (wall time range: new "
+            f"{spread([r[0] for r in runs])}"
+            + (f", today {spread([r['seconds'] for r in old_runs])}" if old else "")
+            + "); peak memory: the largest"
+        )
     print(f"{'':28s}{'today (3e36d69)':>18s}{'new':>12s}{'ratio':>10s}")
 
     def line(label, key, fmt, scale=1.0, better="higher"):
