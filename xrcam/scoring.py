@@ -734,19 +734,18 @@ def score_stacks(
         shapes = [tuple(stacks[layer].shape[-2:]) for layer in layers]
         ref = _score_references(
             references,
-            layers,
-            shapes,
-            size,
-            layer_sets,
-            gt,
-            frames,
-            rule,
-            fraction,
-            batch,
-            random_draws,
-            generator,
-            stacks[layers[0]].device,
-            frame_seeds,
+            layers=layers,
+            shapes=shapes,
+            size=size,
+            layer_sets=layer_sets,
+            gt=gt,
+            frames=frames,
+            rule=rule,
+            fraction=fraction,
+            draws=random_draws,
+            generator=generator,
+            device=stacks[layers[0]].device,
+            frame_seeds=frame_seeds,
         )
         scores.methods += ref.methods
         scores.iou = torch.cat([scores.iou, ref.iou], dim=1)
@@ -755,20 +754,20 @@ def score_stacks(
 
 
 def _score_references(
-    names,
-    layers,
-    shapes,
-    size,
-    layer_sets,
-    gt,
-    frames,
-    rule,
-    fraction,
-    batch,
-    draws,
-    generator,
-    device,
-    frame_seeds=None,
+    names: Sequence[str],
+    *,
+    layers: Sequence[str],
+    shapes: Sequence[tuple[int, int]],
+    size: tuple[int, int],
+    layer_sets: Sequence[str],
+    gt: torch.Tensor | None,
+    frames: torch.Tensor | None,
+    rule: str,
+    fraction: float,
+    draws: int | None,
+    generator: torch.Generator | None,
+    device: torch.device,
+    frame_seeds: Sequence[int] | None = None,
 ) -> Scores:
     """Reference rows: every reference (and every random draw) is one row of one
     :func:`normalize_stack`/:func:`aggregate_stack` call; the frame-independent ``centre`` map is
