@@ -306,6 +306,15 @@ def test_shards_follow_the_work_shards_and_files_stay_few(tmp_path):
             has_gt_mask=np.zeros(4, bool),
             maps={},
         )
+    with pytest.raises(XrcamConfigError, match="work shard"):  # two shards' frames, ending the video
+        store.write_shard(
+            layout.key,
+            24,
+            logits=np.zeros((16, 2), np.float32),
+            gt_mask=np.zeros((16, 24, 24)),
+            has_gt_mask=np.zeros(16, bool),
+            maps={},
+        )
     files = [p for p in (tmp_path / "maps.zarr").rglob("*") if p.is_file()]
     per_shard_arrays = 3 + len(layout.map_shapes)  # logits, gt_mask, has_gt_mask, one per stage
     assert len(files) <= 40 + 5 * per_shard_arrays  # a fixed overhead per video, then per shard

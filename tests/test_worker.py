@@ -198,3 +198,21 @@ def test_error_records_carry_the_frame_where_the_exception_names_one():
     bad_mask = _error(XrcamInputError("a/v.mkt", "mask is not binary", frame=3))
     assert bad_mask["frame"] == 3 and bad_mask["error_type"] == "XrcamInputError"
     assert "frame" not in _error(ValueError("no frame here"))
+
+
+def test_a_resume_with_another_shard_size_keeps_each_begun_videos_own(archive, tmp_path):
+    """The shard size is the Zarr shard size of a video's arrays: fixed when its group is created."""
+    from workflows.driver import RunSummary, _Scheduler
+
+    root, checkpoint = archive
+    settings, store = _settings(root, checkpoint, tmp_path / "out")  # shards of 2 frames
+    worker = ShardWorker(settings.to_dict(), CLASSES, settings.out)
+    entry = discover_archive(settings.archive).entries[0]
+    store.create_video(worker.describe(entry)["layout"])
+    resumed = settings.replace(shard_chunks=3)  # a resume asking for shards of 6 frames
+    scheduler = _Scheduler(resumed, store, RunSummary(results=str(settings.out)), on_manifest=None)
+    scheduler.plan(entry)
+    shards = [task for kind, task, _ in scheduler.todo if kind == "process"]
+    assert [s.num_frames for s in shards] == [2, 2, 1]  # 5 kept frames, in the video's own 2-frame shards
+    manifests = [worker.process(shard) for shard in shards]
+    assert all(m["error"] is None for m in manifests), manifests

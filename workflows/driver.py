@@ -369,7 +369,9 @@ class _Scheduler:
             return
         self.summary.frames += layout.num_frames
         done = self.store.shards_done(layout.key)
-        for shard in plan_shards(entry, layout, self.settings.shard_frames):
+        # a video's shard size is fixed when its group is created (the Zarr shard size): a resume
+        # with another --shard-chunks keeps it for the videos begun and uses the new one for the rest
+        for shard in plan_shards(entry, layout, self.store.shard_frames(layout)):
             self.summary.shards += 1
             if _covered(done, shard.start, shard.stop):
                 self.summary.shards_skipped += 1

@@ -571,7 +571,7 @@ class ResultStore:
         layout = self.layout(key)
         stop = start + len(logits)
         shard = self.shard_frames(layout)
-        if start % shard or (stop % shard and stop != layout.num_frames):
+        if start % shard or stop - start > shard or (stop % shard and stop != layout.num_frames):
             raise XrcamConfigError(
                 f"{key}: frames {start}:{stop} are not one work shard of {shard} frames; resume with the "
                 "--shard-chunks the store was created with"
