@@ -103,7 +103,14 @@ def _child(archive: str, checkpoint: str, out: str, crop: str, batch_size: int) 
 
 
 def _run_and_reduce(args, archive: Path, out: Path, pythonpath: str) -> dict | None:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(archive), str(args.checkpoint), str(out)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        str(archive),
+        str(args.checkpoint),
+        str(out),
+    ]
     cmd += [",".join(map(str, args.crop)), str(args.batch_size)]
     env = {**os.environ, "PYTHONPATH": pythonpath}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=pythonpath)

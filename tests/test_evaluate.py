@@ -77,7 +77,12 @@ def test_evaluate_writes_consistent_tables(archive, tmp_path):
         if len(kept):
             assert cell["ci_lo_pct"] <= cell["miou_pct"] <= cell["ci_hi_pct"]
     table2 = pd.read_parquet(out / "table2_layerset_miou.parquet")
-    assert list(dict.fromkeys(table2["layer_set"])) == ["4", "4+3", "4+3+2", "4+3+2+1"]  # one Table 2 definition
+    assert list(dict.fromkeys(table2["layer_set"])) == [
+        "4",
+        "4+3",
+        "4+3+2",
+        "4+3+2+1",
+    ]  # one Table 2 definition
     from workflows.tables import read_table
 
     table3 = read_table(out, "table3")  # what workflows.results.open(out).table("table3") reads
@@ -126,11 +131,15 @@ def test_evaluate_explains_what_to_do_on_bad_options(archive, tmp_path):
     assert result.exit_code != 0 and "--dropout" in result.output
     result = _evaluate(archive, "--model", "resnet18", *random_init, "--layer-sets", "4+x", "--out", tmp_path)
     assert result.exit_code != 0 and "layer set" in result.output
-    result = _evaluate(archive, "--model", "resnet18", *random_init, "--threshold", "median", "--out", tmp_path)
+    result = _evaluate(
+        archive, "--model", "resnet18", *random_init, "--threshold", "median", "--out", tmp_path
+    )
     assert result.exit_code != 0 and "threshold" in result.output
     result = _evaluate(archive, "--model", "resnet18", *random_init, "--rules", "nonsense", "--out", tmp_path)
     assert result.exit_code == 2 and "reference" in result.output  # the registered composites are listed
-    result = _evaluate(archive, "--model", "resnet18", "--classes", "one", "--random-init", 1, "--out", tmp_path)
+    result = _evaluate(
+        archive, "--model", "resnet18", "--classes", "one", "--random-init", 1, "--out", tmp_path
+    )
     assert result.exit_code != 0 and "two distinct classes" in result.output
 
 

@@ -85,7 +85,9 @@ def test_stored_maps_equal_the_explainer_on_the_same_frames(archive, tmp_path):
         assert list(ds.attrs["crop"]) == list(pre.crop)
         exp = explainer(pre(np.stack(frames)))
         np.testing.assert_allclose(ds["logits"].values, exp.logits.numpy(), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(ds["probabilities"].values, exp.probabilities.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            ds["probabilities"].values, exp.probabilities.numpy(), rtol=1e-4, atol=1e-5
+        )
         np.testing.assert_array_equal(ds["predicted"].values, exp.logits.argmax(1).numpy())
         for method in xrcam.list_methods():
             for layer in settings.layers:
