@@ -526,10 +526,9 @@ def reduce_results(
     ``workers`` videos are reduced at a time (default: all cores): as Ray tasks on the cluster at
     ``address`` (else ``XRCAM_ADDRESS``) when one is given, otherwise by threads of this process (no
     local Ray: see :func:`_in_process`); ``workers=0`` reduces one video at a time in this process
-    even with an address. Holds the
-    results folder's lock throughout. ``on_start(total)`` is called once the videos to reduce are
-    known, ``on_video(done, total)`` after each video. Returns the summary also written to
-    ``RESULTS/reduce.json``.
+    even with an address. Holds the results folder's lock throughout. ``on_start(total)`` is called
+    once the videos to reduce are known, ``on_video(done, total)`` after each video. Returns the
+    summary also written to ``RESULTS/reduce.json``.
     """
     from workflows import tables
     from workflows.store import ResultStore
