@@ -1,6 +1,7 @@
 """The one way xrcam starts or joins Ray: :func:`ray_session`.
 
-``run``, ``reduce`` and ``train --workers`` all go through it, so every command behaves alike:
+``run``, ``train --workers`` and ``reduce --address`` all go through it, so every command behaves
+alike (``reduce`` without an address runs in threads of its own process, no Ray):
 
 - with an address (argument, else ``XRCAM_ADDRESS``) it joins that cluster;
 - without one it starts a local Ray bound to 127.0.0.1 (loopback only), without dashboard or usage
@@ -12,7 +13,7 @@
 - on exit it shuts down only a Ray it started itself; a local Ray it starts is marked with
   :func:`workflows.ray_guard.orphan_guard`, so its processes die with this one even after a SIGKILL.
 
-Process-wide tuning of worker processes lives in :func:`tune_process`, installed as Ray's
+Process-wide settings of worker processes live in :func:`tune_process`, installed as Ray's
 ``worker_process_setup_hook`` for every worker of the job, and callable directly by code that does
 the same work in this process.
 """
