@@ -100,22 +100,28 @@ def check_model_settings(settings: RunSettings, num_classes: int = 2) -> RunSett
     return settings.replace(methods=tuple(methods))
 
 
-def _check_weights(settings: RunSettings) -> int | None:
-    """The checkpoint's class count (``None`` for a random init); refuses a run without weights."""
-    from xrcam.models import check_checkpoint
-
-    if settings.checkpoint and settings.random_init is not None:
+def require_weights(checkpoint: str | None, random_init: int | None) -> None:
+    """Exactly one of ``--checkpoint`` and ``--random-init SEED``: never silently random weights
+    (``run`` and ``evaluate`` alike)."""
+    if checkpoint and random_init is not None:
         raise XrcamConfigError(
             "--checkpoint and --random-init both given: explain with the checkpoint's weights (drop "
             "--random-init) or with seeded random weights (drop --checkpoint)"
         )
+    if not checkpoint and random_init is None:
+        raise XrcamConfigError(
+            "no weights given: pass --checkpoint FILE (a model trained for these classes), or "
+            "--random-init SEED to explain with seeded random weights (every worker then builds "
+            "the same ones; for tests and demos only, the maps then mean nothing)"
+        )
+
+
+def _check_weights(settings: RunSettings) -> int | None:
+    """The checkpoint's class count (``None`` for a random init); refuses a run without weights."""
+    from xrcam.models import check_checkpoint
+
+    require_weights(settings.checkpoint, settings.random_init)
     if not settings.checkpoint:
-        if settings.random_init is None:
-            raise XrcamConfigError(
-                "no weights given: pass --checkpoint FILE (a model trained for these classes), or "
-                "--random-init SEED to explain with seeded random weights (every worker then builds "
-                "the same ones; for tests and demos only, the maps then mean nothing)"
-            )
         return None
     classes = list(settings.classes) if settings.classes else None
     have = check_checkpoint(settings.model, settings.checkpoint, len(classes) if classes else None)

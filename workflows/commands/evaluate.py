@@ -169,6 +169,7 @@ def command(
     from dataclasses import asdict
 
     from workflows.evaluation import TABLE_ORDER, EvalOptions, evaluate, write_tables
+    from workflows.preflight import require_weights
     from workflows.settings import RunSettings
     from xrcam import __version__
     from xrcam.errors import XrcamError
@@ -179,13 +180,10 @@ def command(
         raise click.BadParameter(
             f"{rules!r}: choose one of {', '.join(list_composites())}", param_hint="--rules"
         )
-    if checkpoint and random_init is not None:
-        raise click.UsageError("give either --checkpoint or --random-init SEED, not both")
-    if not checkpoint and random_init is None:  # as `xrcam run`: never silently random weights
-        raise click.UsageError(
-            "no weights given: pass --checkpoint FILE (a model trained for these classes), or "
-            "--random-init SEED to score seeded random weights (the ones `xrcam run --random-init SEED` explained)"
-        )
+    try:
+        require_weights(str(checkpoint) if checkpoint else None, random_init)
+    except XrcamError as exc:
+        raise click.UsageError(str(exc)) from exc
     try:
         run = RunSettings.resolve(
             archive=str(archive),
