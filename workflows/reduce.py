@@ -283,13 +283,11 @@ def _frame_columns(
 ) -> dict[str, np.ndarray]:
     """Columns shared by every method and layer set of a chunk of frames (numpy, one entry per frame)."""
     import numpy as np
-    import torch
 
-    logits = arrays["logits"]
-    n = len(logits)
-    safe = np.nan_to_num(logits, nan=0.0)
-    predicted = safe.argmax(axis=1).astype(np.int64)
-    probabilities = torch.softmax(torch.from_numpy(safe), dim=1).numpy()
+    from workflows.store import predictions
+
+    n = len(arrays["logits"])
+    predicted, probabilities = predictions(arrays["logits"])  # rows never written are not emitted
     gt = arrays["gt_mask"]
     has_gt = arrays["has_gt_mask"]
     gt_area = np.where(has_gt, np.count_nonzero(gt.reshape(n, -1), axis=1), 0).astype(np.int64)

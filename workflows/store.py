@@ -72,6 +72,7 @@ __all__ = [
     "video_key",
     "video_id_of_key",
     "settings_differences",
+    "predictions",
 ]
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,19 @@ def settings_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -
 def _compressor(dtype: str = "float16") -> BloscCodec:
     shuffle = BloscShuffle.bitshuffle if dtype in ("uint8", "bool") else BloscShuffle.shuffle
     return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+
+
+def predictions(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(predicted, probabilities)`` of stored ``(frames, classes)`` logits: the argmax (-1 where a
+    frame was never written, its logits NaN) and the softmax (NaN there). The one derivation that the
+    read API's ``predicted``/``probabilities`` and the metric rows share."""
+    import torch
+
+    written = ~np.isnan(logits).any(axis=1)
+    safe = np.nan_to_num(logits, nan=0.0)
+    probabilities = torch.softmax(torch.from_numpy(safe), dim=1).numpy()
+    probabilities[~written] = np.nan
+    return np.where(written, safe.argmax(axis=1), -1).astype(np.int64), probabilities
 
 
 def _cell_centres(cells: int, size: int) -> np.ndarray:
@@ -639,8 +653,8 @@ class ResultStore:
         """One video as an ``xr.Dataset`` (lazy), with the store-wide ``cam``/``class`` coordinates, the
         grid coordinates (the root's, or the video's own), the per-frame ``probabilities`` (softmax of
         the logits) and ``predicted`` (argmax; -1 where a frame was never written) derived from the
-        stored logits. ``source_row``/``source_column`` are in its attrs and on ``y``/``x``."""
-        import torch
+        stored logits (:func:`predictions`). ``source_row``/``source_column`` are in its attrs and on
+        ``y``/``x``."""
         import xarray as xr
 
         ds = xr.open_zarr(self.maps_path, group=key, consolidated=False, chunks=None)
@@ -657,12 +671,7 @@ class ResultStore:
             except KeyError:
                 continue
             inherited[name] = ((name,), np.asarray(array[:]), array.attrs.asdict())
-        logits = np.asarray(ds[LOGITS].values)
-        written = ~np.isnan(logits).any(axis=1)
-        safe = np.nan_to_num(logits, nan=0.0)
-        probabilities = torch.softmax(torch.from_numpy(safe), dim=1).numpy()
-        probabilities[~written] = np.nan
-        predicted = np.where(written, safe.argmax(axis=1), -1).astype(np.int64)
+        predicted, probabilities = predictions(np.asarray(ds[LOGITS].values))
         ds = ds.assign(
             probabilities=((FRAME, CLASS), probabilities, {"long_name": "softmax of the logits"}),
             predicted=((FRAME,), predicted, {"long_name": "predicted class index (-1: not written)"}),

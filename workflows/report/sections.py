@@ -228,10 +228,11 @@ def frame_numbers(ds) -> np.ndarray:
 
 
 def probabilities(ds) -> np.ndarray:
-    """(frames, classes) class probabilities: the softmax of the stored logits."""
-    logits = np.asarray(ds["logits"].values, dtype=np.float64)
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    """(frames, classes) class probabilities: the softmax of the stored logits, as the read API and the
+    metric rows derive it (:func:`workflows.store.predictions`)."""
+    from workflows.store import predictions
+
+    return predictions(np.asarray(ds["logits"].values))[1].astype(np.float64)
 
 
 @dataclass
