@@ -564,10 +564,10 @@ def _pooled_layer_sets(
     up to float rounding (ties broken by rounding may move a rank).
     """
     index = {layer: i for i, layer in enumerate(layers)}
+    on = torch.as_tensor(list(flags), dtype=torch.bool, device=bounds.device)
     per_layer = []
     for i, layer in enumerate(layers):
         x = raw[layer][: len(flags)].float()
-        on = torch.as_tensor(list(flags), dtype=torch.bool, device=x.device)
         if on.any():
             x = torch.where(on.view(-1, 1, 1, 1), x.clamp_min(0), x)
         a_y = _stage_pooling(x.shape[-2], size[0], _AGREEMENT_GRID, x.device)
@@ -689,29 +689,12 @@ def score_stacks(
             n = normalize_stack(s, size, relu=flags, out=normalised[i], bounds=bounds[i])
             if n.data_ptr() != normalised[i].data_ptr():  # float64 maps: not written in place
                 normalised[i] = n
-        # (K, M, B, S, S); reused buffers unless the caller keeps the maps
-        masks = (
-            torch.empty((len(layer_sets), *shape), dtype=torch.bool, device=device)
-            if keep_maps
-            else _scratch("masks", (len(layer_sets), *shape), torch.bool, device)
-        )
-        agg = aggregate_stack(
-            normalised,
-            layers,
-            layer_sets,
-            out=None if keep_maps else _scratch("agg", (len(layer_sets), *shape), dtype, device),
-            scratch=True,
-            # each set's masks right after its maps (~12 MB for a batch of 8: still in the L3 cache)
-            then=lambda k, maps: make_masks(maps, rule, fraction=fraction, out=masks[k]),
-        )
+        agg, masks, areas = _sets_and_masks(normalised, layers, layer_sets, rule, fraction, keep=keep_maps)
         del normalised
-        flat = masks.flatten(-2)
-        areas = _count(flat)
         if gt is not None:
-            ious = _iou_with_gt(flat, areas, gt.to(masks.device).flatten(-2))
+            ious = _iou_with_gt(masks.flatten(-2), areas, gt.to(masks.device).flatten(-2))
         else:
             ious = torch.full(masks.shape[:3], float("nan"), device=masks.device)
-        del flat
     else:
         ious = torch.empty((len(layer_sets), 0, batch))
         areas = torch.empty((len(layer_sets), 0, batch))
@@ -751,6 +734,38 @@ def score_stacks(
         scores.iou = torch.cat([scores.iou, ref.iou], dim=1)
         scores.mask_area = torch.cat([scores.mask_area, ref.mask_area], dim=1)
     return scores
+
+
+def _sets_and_masks(
+    normalised: torch.Tensor,
+    layers: Sequence[str],
+    layer_sets: Sequence[str],
+    rule: str,
+    fraction: float,
+    *,
+    keep: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L, R, B, S, S)`` normalised maps -> ``(maps, masks, areas)``: every layer set's aggregated
+    maps and masks ``(K, R, B, S, S)`` and mask areas ``(K, R, B)``, for methods and references alike.
+
+    Each set's masks are made right after its maps (~12 MB for a batch of 8: still in the L3 cache).
+    ``keep=False`` writes maps and masks into this thread's reused buffers (valid until the next call).
+    """
+    shape = (len(layer_sets), *normalised.shape[1:])
+    device = normalised.device
+    if keep:
+        masks = torch.empty(shape, dtype=torch.bool, device=device)
+    else:
+        masks = _scratch("masks", shape, torch.bool, device)
+    agg = aggregate_stack(
+        normalised,
+        layers,
+        layer_sets,
+        out=None if keep else _scratch("agg", shape, normalised.dtype, device),
+        scratch=True,
+        then=lambda k, maps: make_masks(maps, rule, fraction=fraction, out=masks[k]),
+    )
+    return agg, masks, _count(masks.flatten(-2))
 
 
 def _score_references(
@@ -821,18 +836,9 @@ def _score_references(
         stacked = _scratch("ref_normalised", (len(rows), *shape), torch.float32, device)
         for j, stage in enumerate(rows):
             normalize_stack(torch.stack(stage), size, relu=[False] * len(stage), out=stacked[j])
-        masks = _scratch("masks", (len(layer_sets), *shape), torch.bool, device)
-        aggregate_stack(
-            stacked,
-            layers,
-            layer_sets,
-            out=_scratch("agg", (len(layer_sets), *shape), torch.float32, device),
-            then=lambda k, maps: make_masks(maps, rule, fraction=fraction, out=masks[k]),
-        )
+        _, masks, area = _sets_and_masks(stacked, layers, layer_sets, rule, fraction, keep=False)
         del stacked  # (K, R, B, S, S) masks
-        flat = masks.flatten(-2)
-        area = _count(flat)
-        score = _iou_with_gt(flat, area, gt_flat)
+        score = _iou_with_gt(masks.flatten(-2), area, gt_flat)
         for name, (a, b) in spans.items():
             # stacked draws first, then reduced over dim 0: the summation order of the per-draw loop
             ious[name] = torch.stack(score[:, a:b].unbind(1)).nanmean(dim=0)
