@@ -392,7 +392,7 @@ def _std(flat: torch.Tensor, mean: torch.Tensor, *, rows: int | None = None) -> 
 
     ``torch.std`` accumulates in float64 (Welford); so does this, as a two-pass sum of squared
     deviations from the float32 ``mean`` (one BLAS dot per row, ``rows`` rows of float64 at a time):
-    about 3x faster on CPU. Both are float64-accurate, so the float32 results agree (checked bit for
+    about 5x faster on CPU (392 maps of 230 px: 134 ms -> 21-27 ms). Both are float64-accurate, so the float32 results agree (checked bit for
     bit against ``torch.std`` in tests/test_scoring.py); the shift's own error, ``(mean - true mean)**2``,
     is ~1e-14 of a [0, 1] map's variance. ``rows`` defaults to as many as fit 256 KiB of float64, so the
     block stays in the core's L2 cache between its copy and its dot (one 230-px map is 413 KiB: one
