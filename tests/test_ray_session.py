@@ -63,12 +63,16 @@ def test_address_comes_from_the_one_variable(monkeypatch):
     assert resolve_address("auto") == "auto"
 
 
-def test_tune_process_is_idempotent():
+def test_tune_process_silences_ray_trains_polling_warnings_and_is_idempotent():
+    import logging
+
     from workflows import ray_session
 
     ray_session.tune_process()
     ray_session.tune_process()
     assert ray_session._tuned is True
+    for name in ray_session._WITHOUT_DASHBOARD_NOISE:  # what the worker start-up hook is for
+        assert logging.getLogger(name).getEffectiveLevel() == logging.ERROR
 
 
 GUARDED = """
