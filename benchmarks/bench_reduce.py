@@ -2,18 +2,21 @@
 
 Builds the same synthetic results folder (maps are a blob plus noise at each stage's resolution,
 7 methods x 4 stages, half the videos annotated on every frame) twice: once with this tree's store
-writer, once with the code of the round's starting point (commit 3e36d69, checked out with
-``git worktree add /tmp/xrcam-baseline 3e36d69`` and run as a subprocess with ``PYTHONPATH`` there).
-Each reduction runs in a child process whose memory (summed PSS of it and its descendants) is
-sampled. Prints frames/s, peak memory, bytes per frame and files per 1,000 frames of the whole
-results folder, for both, and the ratios.
+writer, once with the writer of the round's starting point (commit 3e36d69, checked out with
+``git worktree add /tmp/xrcam-baseline 3e36d69`` and imported with ``PYTHONPATH`` there). Both
+reductions then run as child processes of this script, measured the same way: wall time from process
+start to exit, and the peak of the summed RSS of the child and its descendants (read from
+``/proc/PID/statm`` every 0.1 s: reading PSS from ``smaps`` cost ~30 ms of CPU per sample, a
+sixth of one of the machine's two cores, which the two-thread reduction then lacked). Prints
+frames/s, peak memory, bytes per frame and files per 1,000 frames of the whole results folder, for
+both, and the ratios.
 
     .venv/bin/python benchmarks/bench_reduce.py --frames 400 --videos 4 --size 230
     .venv/bin/python benchmarks/bench_reduce.py --frames 400 --videos 4 --references ""   # methods only
 
-Both reduce in one process on every core, timed from process start to exit: this tree as a user runs
-it, ``xrcam reduce RESULTS`` (one thread per video, ``--workers``, default all cores; ``--workers 0``:
-one video at a time, one thread), today's as its library call ``reduce_results(workers=0)`` with
+Both reduce in one process on every core: this tree as a user runs it, ``xrcam reduce RESULTS``
+(one thread per video, ``--workers``, default all cores; ``--workers 0``: one video at a time, one
+thread), today's as its own bench's child, the library call ``reduce_results(workers=0)`` with
 torch's intra-op threads (its ``xrcam reduce`` would first start a local Ray).
 
 Targets (issue 15): >= 10x today's frames/s at 230 px; <= 100 KB per frame and <= 200 files per
@@ -25,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -123,33 +125,39 @@ def _child(results: str, workers: int, references: str, agreement: str) -> None:
     sys.exit(main.main(args=args, prog_name="xrcam", standalone_mode=False))
 
 
-def _tree_memory(proc) -> int:
+def _tree_rss(proc) -> int:
     import psutil
 
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_full_info().pss
+            total += p.memory_info().rss
         except psutil.Error:
             continue
     return total
 
 
-def _measure(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """Wall seconds, peak summed PSS and stdout of ``cmd`` run as a child process."""
+def _measure(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+    """Wall seconds (process start to exit) and peak summed RSS of ``cmd`` run as a child process."""
     import psutil
 
     t0 = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     proc = psutil.Process(child.pid)
     peak = 0
-    while child.poll() is None:
-        peak = max(peak, _tree_memory(proc))
-        time.sleep(0.2)
-    out = child.stdout.read()
+    while True:
+        peak = max(peak, _tree_rss(proc))
+        try:
+            child.wait(timeout=0.1)  # returns the moment the child exits
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    seconds = time.perf_counter() - t0
     if child.returncode:
-        sys.exit(f"{' '.join(cmd[:3])} failed with exit code {child.returncode}")
-    return time.perf_counter() - t0, peak, out
+        sys.exit(
+            f"{' '.join(cmd[:3])} failed with exit code {child.returncode}: {child.stderr.read()[-500:]}"
+        )
+    return seconds, peak
 
 
 def _files_and_bytes(path: Path) -> tuple[int, int]:
@@ -157,32 +165,47 @@ def _files_and_bytes(path: Path) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
+def _baseline_tree() -> bool:
+    if (BASELINE_DIR / "workflows").is_dir():
+        return True
+    made = subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(BASELINE_DIR), BASELINE_COMMIT],
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode:
+        print(f"no baseline: git worktree add failed: {made.stderr.strip()}")
+    return not made.returncode
+
+
 def _baseline(args) -> dict[str, float] | None:
-    """Today's figures from the pre-redesign code: its own bench_reduce.py, run from a worktree."""
-    if not (BASELINE_DIR / "workflows").is_dir():
-        made = subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(BASELINE_DIR), BASELINE_COMMIT],
-            capture_output=True,
-            text=True,
-        )
-        if made.returncode:
-            print(f"no baseline: git worktree add failed: {made.stderr.strip()}")
-            return None
+    """Today's figures: a store written by 3e36d69's own bench writer, reduced by its own bench child."""
+    if not _baseline_tree():
+        return None
     work = Path(tempfile.mkdtemp(prefix="bench_reduce_old_"))
     env = {**os.environ, "PYTHONPATH": str(BASELINE_DIR)}
-    cmd = [sys.executable, str(BASELINE_DIR / "benchmarks" / "bench_reduce.py")]
-    cmd += ["--frames", str(args.frames), "--videos", str(args.videos), "--size", str(args.size)]
-    cmd += ["--chunk", str(args.chunk), "--workers", "0", "--dir", str(work), "--keep"]  # in process
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=BASELINE_DIR)
-    if done.returncode:
-        print(f"baseline failed: {done.stderr.strip()[-500:]}")
+    bench = BASELINE_DIR / "benchmarks" / "bench_reduce.py"
+    build = (
+        f"import sys; sys.path.insert(0, {str(bench.parent)!r}); from pathlib import Path; "
+        f"from bench_reduce import build_store; build_store(Path({str(work / 'results')!r}), "
+        f"{args.frames}, {args.videos}, {args.size}, {args.chunk})"
+    )
+    built = subprocess.run(
+        [sys.executable, "-c", build], capture_output=True, text=True, env=env, cwd=BASELINE_DIR
+    )
+    if built.returncode:
+        print(f"baseline store failed: {built.stderr.strip()[-500:]}")
         return None
-    text = done.stdout
-    seconds = float(re.search(r"rows, (\d+(?:\.\d+)?) s", text).group(1))
-    peak = float(re.search(r"summed PSS\): ([\d.]+) GiB", text).group(1))
+    seconds, peak = _measure([sys.executable, str(bench), "--child", str(work / "results"), "0"], env=env)
     files, size = _files_and_bytes(work / "results")
     shutil.rmtree(work, ignore_errors=True)
-    return {"seconds": seconds, "fps": args.frames / seconds, "peak_gib": peak, "files": files, "bytes": size}
+    return {
+        "seconds": seconds,
+        "fps": args.frames / seconds,
+        "peak_gib": peak / 2**30,
+        "files": files,
+        "bytes": size,
+    }
 
 
 def main() -> None:
@@ -226,7 +249,7 @@ def main() -> None:
     build_store(results, args.frames, args.videos, args.size, args.chunk)
     runs, old_runs = [], []
     for _ in range(max(1, args.repeat)):
-        seconds, peak, _ = _measure(
+        seconds, peak = _measure(
             [sys.executable, __file__, "--child", str(results), str(args.workers), args.references]
             + ["0" if args.only_methods else "1"]
         )
@@ -280,15 +303,13 @@ def main() -> None:
 
     line("reduce frames/s", "fps", "{:.1f}")
     line("reduce wall time (s)", "seconds", "{:.1f}", better="lower")
-    line("peak memory (GiB, PSS)", "peak_gib", "{:.2f}", better="lower")
-    per_frame = {k: v for k, v in new.items()}
+    line("peak memory (GiB, RSS)", "peak_gib", "{:.2f}", better="lower")
     new["kb_per_frame"], new["files_per_1000"] = size / args.frames / 1000, files / args.frames * 1000
     if old is not None:
         old["kb_per_frame"], old["files_per_1000"] = (
             old["bytes"] / args.frames / 1000,
             old["files"] / args.frames * 1000,
         )
-    del per_frame
     line("results folder KB/frame", "kb_per_frame", "{:.1f}", better="lower")
     line("files per 1,000 frames", "files_per_1000", "{:.0f}", better="lower")
     frames_per_video = args.frames / args.videos

@@ -310,11 +310,11 @@ def read_agreement(root: str | Path, columns: Sequence[str] | None = None, **fil
 
 def read_axioms(root: str | Path):
     """Per-frame axiom metrics written by ``xrcam evaluate --axioms --out RESULTS``, or None."""
-    import pandas as pd
-
     path = Path(root) / AXIOMS_NAME
     if not path.exists():
         return None
+    import pandas as pd
+
     df = pd.read_parquet(path)
     missing = set(AXIOM_COLUMNS) - set(df.columns)
     if missing:
