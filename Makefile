@@ -18,6 +18,7 @@ demo: env
 
 test: env
 	$(BIN)/ruff check xrcam workflows tests benchmarks
+	$(BIN)/ruff format --check xrcam workflows tests benchmarks
 	$(BIN)/python -m pytest tests
 
 lint: env

@@ -137,10 +137,13 @@ def _tree_rss(proc) -> int:
     return total
 
 
-def _measure(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
-    """Wall seconds (process start to exit) and peak summed RSS of ``cmd`` run as a child process."""
+def _measure(cmd: list[str], env: dict | None = None, settle: float = 0.0) -> tuple[float, int]:
+    """Wall seconds (process start to exit) and peak summed RSS of ``cmd`` run as a child process,
+    started after ``settle`` idle seconds (right after the other tree's run, two paired runs here were
+    1.1 and 1.3 s slower than 10 s later)."""
     import psutil
 
+    time.sleep(settle)
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     proc = psutil.Process(child.pid)
@@ -196,7 +199,9 @@ def _baseline(args) -> dict[str, float] | None:
     if built.returncode:
         print(f"baseline store failed: {built.stderr.strip()[-500:]}")
         return None
-    seconds, peak = _measure([sys.executable, str(bench), "--child", str(work / "results"), "0"], env=env)
+    seconds, peak = _measure(
+        [sys.executable, str(bench), "--child", str(work / "results"), "0"], env=env, settle=args.settle
+    )
     files, size = _files_and_bytes(work / "results")
     shutil.rmtree(work, ignore_errors=True)
     return {
@@ -238,6 +243,13 @@ def main() -> None:
         help="measure both N times, alternating, and print the median (and range): a shared machine's "
         "wall times vary by +-10 %% from run to run",
     )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=10.0,
+        help="idle seconds before each measured run, either tree's: a run started as the other tree's "
+        "run ended was up to 1.3 s slower here",
+    )
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -251,7 +263,8 @@ def main() -> None:
     for _ in range(max(1, args.repeat)):
         seconds, peak = _measure(
             [sys.executable, __file__, "--child", str(results), str(args.workers), args.references]
-            + ["0" if args.only_methods else "1"]
+            + ["0" if args.only_methods else "1"],
+            settle=args.settle,
         )
         runs.append((seconds, peak))
         if not args.no_baseline:
