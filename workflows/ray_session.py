@@ -14,8 +14,7 @@ alike (``reduce`` without an address runs in threads of its own process, no Ray)
   :func:`workflows.ray_guard.orphan_guard`, so its processes die with this one even after a SIGKILL.
 
 Process-wide settings of worker processes live in :func:`tune_process`, installed as Ray's
-``worker_process_setup_hook`` for every worker of the job, and callable directly by code that does
-the same work in this process.
+``worker_process_setup_hook`` for every worker of the job.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ WORKER_SETUP_HOOK = f"{__name__}.tune_process"  # runs once in every Ray worker 
 
 _LOOPBACK = "127.0.0.1"
 _TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
-_tuned = False
 _WITHOUT_DASHBOARD_NOISE = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
@@ -50,20 +48,14 @@ def resolve_address(address: str | None = None) -> str | None:
 
 
 def tune_process() -> None:
-    """Process-wide settings of every Ray worker process of our jobs (idempotent; callable in-process).
+    """Process-wide settings of every Ray worker process of our jobs (setting them twice is harmless).
 
-    Silences Ray Train's State-API polling warnings, which a session without dashboard provokes.
-    Memory is left to glibc's defaults: a fixed 1 MiB mmap threshold (round 2's remedy for a reducing
-    process that grew by ~0.7 GB per video, before the scoring core reused its buffers) made every
-    multi-MB tensor of an explanation a fresh mapping, page-faulted anew: `xrcam run` 1.4x slower
-    (explaining 8 frames at 230 px: 0.64 -> 1.16 s), and reduce no faster.
+    Silences Ray Train's State-API polling warnings, which a session without dashboard provokes: Ray
+    Train polls the State API, which a local session without dashboard does not serve, and warns
+    about it every few seconds from a helper actor, saying nothing actionable here. (Memory is left to
+    glibc: a fixed mmap threshold made every multi-MB tensor of an explanation a fresh mapping and
+    `xrcam run` 1.4x slower.)
     """
-    global _tuned
-    if _tuned:
-        return
-    _tuned = True
-    # Ray Train polls the State API, which a local session without dashboard does not serve, and
-    # warns about it every few seconds from a helper actor: the warning says nothing actionable here
     for name in _WITHOUT_DASHBOARD_NOISE:
         logging.getLogger(name).setLevel(logging.ERROR)
 

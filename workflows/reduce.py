@@ -415,6 +415,17 @@ def _failure(key: str, exc: BaseException) -> dict[str, str]:
     return {"video_key": key, "error_type": type(cause).__name__, "message": str(cause).splitlines()[0][:500]}
 
 
+def _in_order(keys: Sequence[str], start: Callable[[str], Any], ahead: int) -> Iterator[tuple[str, Any]]:
+    """``(key, start(key))`` for every key, in order; each key is started while the ``ahead`` keys
+    before it are still being waited for, so work is in flight without holding every video's rows."""
+    pending: deque = deque()
+    for key in keys:
+        pending.append((key, start(key)))
+        if len(pending) > ahead:
+            yield pending.popleft()
+    yield from pending
+
+
 def _in_process(
     results: Path, keys: Sequence[str], settings: ReduceSettings, axioms, threads: int
 ) -> Iterator[tuple[str, Any]]:
@@ -424,15 +435,12 @@ def _in_process(
     without a Ray start-up (seconds, more than the scoring of many videos) or moving rows between
     processes. Each video is scored by one thread with one intra-op thread, as a Ray task is: the
     scoring is a stream of memory-bound ops on batch-sized tensors, where a second intra-op thread
-    gains less than a second video does. At most ``2 * threads`` videos are in flight (memory stays
-    bounded per video); results come in submission order, so rows are written in the same order on
+    gains less than a second video does. Videos are queued ``2 * threads`` ahead of the one awaited
+    (:func:`_in_order`: memory stays bounded per video); results come in submission order, so rows are written in the same order on
     every run. The caller's torch thread count is restored afterwards.
     """
     import torch
 
-    from workflows.ray_session import tune_process
-
-    tune_process()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
 
@@ -450,17 +458,7 @@ def _in_process(
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(threads, thread_name_prefix="xrcam-reduce") as pool:
-            pending: deque = deque()
-            todo = iter(keys)
-            for key in todo:
-                pending.append((key, pool.submit(one, key)))
-                if len(pending) >= 2 * threads:
-                    break
-            while pending:
-                key, future = pending.popleft()
-                for nxt in todo:
-                    pending.append((nxt, pool.submit(one, nxt)))
-                    break
+            for key, future in _in_order(keys, lambda key: pool.submit(one, key), 2 * threads):
                 yield key, future.result()
     finally:
         torch.set_num_threads(before)
@@ -469,11 +467,11 @@ def _in_process(
 def _on_ray(
     results: Path, keys: Sequence[str], settings: ReduceSettings, address: str | None, workers: int, axioms
 ) -> Iterator[tuple[str, Any]]:
-    """Run :func:`reduce_video` as one Ray task per video, at most ``2 * workers`` in flight.
+    """Run :func:`reduce_video` as one Ray task per video, ``2 * workers`` ahead of the one awaited.
 
     Results are taken in submission order, so rows are written in the same order on every run. A task
     that fails (after one retry) becomes a failure record; the other videos carry on. Worker processes
-    get the process-wide tuning from :mod:`workflows.ray_session`'s start-up hook.
+    get the process-wide settings of :mod:`workflows.ray_session`'s start-up hook.
     """
     from workflows.ray_session import ray_session
 
@@ -483,19 +481,11 @@ def _on_ray(
         task = ray.remote(num_cpus=1, max_retries=1)(reduce_video)
         plain = settings.to_dict()
         shared = ray.put(axioms)
-        pending: deque = deque()
-        todo = iter(keys)
 
-        def submit() -> None:
-            for key in todo:
-                pending.append((key, task.remote(str(results), key, plain, torch_threads=1, axioms=shared)))
-                return
+        def start(key: str):
+            return task.remote(str(results), key, plain, torch_threads=1, axioms=shared)
 
-        for _ in range(2 * workers):
-            submit()
-        while pending:
-            key, ref = pending.popleft()
-            submit()
+        for key, ref in _in_order(keys, start, 2 * workers):
             try:
                 yield key, ray.get(ref)
             except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as exc:
