@@ -527,11 +527,6 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor, *, grid: int | None = _AG
 _STAGE_POOLING: dict[tuple, torch.Tensor] = {}
 
 
-def _rank_correlation_of_pooled(pooled: torch.Tensor, count: int, j: int) -> torch.Tensor:
-    """:func:`rank_correlation` of rows ``:count`` of pooled maps ``(K, M, B, g, g)`` against row ``j``."""
-    return rank_correlation(pooled[:, :count], pooled[:, j : j + 1], grid=None)
-
-
 def _stage_pooling(cells: int, size: int, grid: int, device: torch.device) -> torch.Tensor:
     """``(g, cells)`` matrix ``P @ U``: linear upsampling of ``cells`` to ``size`` pixels as
     ``F.interpolate`` does it (``align_corners=False``), then average pooling to ``g = min(grid, size)``
@@ -561,8 +556,9 @@ def _pooled_layer_sets(
     An aggregated map is an increasing affine function of the sum of its stages' normalised maps
     ``(upsample(relu(raw_l)) - lo_l) / span_l`` (``bounds``: ``lo_l, span_l`` per map), and pooling is
     linear with rows summing to 1, so its pooled ranks are those of
-    ``sum_l (A_y @ relu(raw_l) @ A_x.T - lo_l) / span_l`` (:func:`_stage_pooling`): ~20x fewer
-    operations than pooling 53k-pixel maps. Equal to :func:`rank_correlation` of the aggregated maps
+    ``sum_l (A_y @ relu(raw_l) @ A_x.T - lo_l) / span_l`` (:func:`_stage_pooling`): ~15x faster than
+    pooling the 53k-pixel aggregated maps (7 methods x 8 frames x 7 layer sets at 230 px, one thread:
+    23.5 -> 1.6 ms). Equal to :func:`rank_correlation` of the aggregated maps
     up to float rounding (ties broken by rounding may move a rank).
     """
     index = {layer: i for i, layer in enumerate(layers)}
@@ -703,15 +699,12 @@ def score_stacks(
     scores = Scores(names, list(layer_sets), ious, areas)
     if agreement_with is not None and score_methods:
         j = names.index(agreement_with)
+        pooled = _pooled_layer_sets(stacks, bounds, flags[: len(methods)], layers, layer_sets, size)
         scores.agreement = {
             "mask_iou": _mask_iou(
                 masks[:, : len(methods)], masks[:, j : j + 1], areas[:, : len(methods)], areas[:, j : j + 1]
             ),
-            "rank_corr": _rank_correlation_of_pooled(
-                _pooled_layer_sets(stacks, bounds, flags[: len(methods)], layers, layer_sets, size),
-                len(methods),
-                j,
-            ),
+            "rank_corr": rank_correlation(pooled[:, : len(methods)], pooled[:, j : j + 1], grid=None),
         }
     if keep_maps:
         scores.maps, scores.masks = agg, masks
