@@ -84,8 +84,9 @@ def _scratch(name: object, shape: Sequence[int], dtype: torch.dtype, device: tor
     """A buffer of ``shape`` for an intermediate of :func:`score_stacks`, reused from call to call.
 
     Every fresh multi-MB temporary is a new mapping, page-faulted anew (and, freed, can leave the heap
-    fragmented); reusing ~10 buffers per thread made scoring ~1.5x faster and keeps a reducing
-    process at the size of one batch. Never handed out to callers (``keep_maps`` results are fresh).
+    fragmented); reusing ~10 buffers per thread makes scoring ~1.8x faster (one batch of 8 frames, 7
+    methods, 7 layer sets at 230 px, one thread: 181-194 -> 101-102 ms) and keeps a reducing process
+    at the size of one batch. Never handed out to callers (``keep_maps`` results are fresh).
     :func:`release_scratch` frees them (reduce does after each video).
     """
     cache = getattr(_SCRATCH, "buffers", None)
