@@ -27,7 +27,8 @@ the video's crop offset). An inherited indexed coordinate must agree with every 
 existing video's own coordinates into its group, deletes the root's, and from then on every video holds
 its own (as stores written before the root grid did: format 2 still, they read and resume unchanged,
 see ``docs/results.md``). Whether the root holds the grid is read from the root's arrays, never from a
-flag, so a crash mid-way is repaired by the next ``create_video``.
+stored flag, so a crash mid-way is repaired by the next ``create_video`` (``ResultStore`` only remembers,
+in memory, that a store's videos hold their own, to skip listing the videos again).
 
 Every per-frame array is a Zarr v3 *sharded* array: inner chunks of ``chunk_frames`` frames inside
 shard files of exactly one work shard (``chunk_frames * shard_chunks`` frames), so the one worker that
