@@ -311,14 +311,33 @@ def test_mean_std_threshold_equals_torch_std_bit_for_bit():
     assert torch.equal(thresholds(maps, "mean+std"), expected)
 
 
-@pytest.mark.parametrize("n", [7, 2040, 52900, 4 * 2040 + 1])
-def test_mask_counts_equal_count_nonzero(n):
-    from xrcam.scoring import _count
+@pytest.mark.parametrize("threshold", ["mean+std", "otsu"])
+def test_counts_in_the_reused_buffers_equal_those_of_the_kept_masks(threshold):
+    """Without keep_maps the masks are 0/1 floats written over the maps and counted as sums; the
+    areas, IoUs and agreement must be those of the bool masks keep_maps returns, bit for bit."""
+    from xrcam.scoring import score_batch
 
-    g = torch.Generator().manual_seed(n)
-    masks = torch.rand((3, 5, n), generator=g) > 0.3
-    masks[0, 0] = True  # every pixel set: more than 255 ones in every byte lane
-    masks[0, 1] = False
-    assert torch.equal(_count(masks), masks.count_nonzero(dim=-1).float())
-    wide = masks[:1, :1].expand(2, 5, n)  # an expanded, non-contiguous view
-    assert torch.equal(_count(wide), wide.count_nonzero(dim=-1).float())
+    raw = _raw_batch(methods=("gradcam", "layercam", "xrelevancecam"), batch=4)
+    gt = torch.rand(4, 32, 32, generator=torch.Generator().manual_seed(3)) > 0.7
+    gt[1] = False  # a frame without ground truth: IoU 0 for a non-empty mask, NaN for an empty one
+    sets = ["1", "4", "4+3", "4+3+2+1"]
+    options = dict(size=32, layer_sets=sets, gt=gt, threshold=threshold, agreement_with="xrelevancecam")
+    fast = score_batch(raw, **options)
+    kept = score_batch(raw, keep_maps=True, **options)
+    masks = kept.masks.flatten(-2)  # (K, M, B, N) bool
+    area = masks.count_nonzero(dim=-1).float()
+    assert torch.equal(fast.mask_area, area) and torch.equal(kept.mask_area, area)
+
+    def iou_of(inter, a, b):
+        union = a + b - inter
+        return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
+
+    with_gt = iou_of(
+        (masks & gt.flatten(-2)).count_nonzero(dim=-1).float(), area, gt.flatten(-2).sum(-1).float()
+    )
+    assert torch.equal(fast.iou.nan_to_num(-1), with_gt.nan_to_num(-1))
+    assert (fast.iou[:, :, 1][area[:, :, 1] > 0] == 0).all()
+    j = fast.methods.index("xrelevancecam")
+    agree = iou_of((masks & masks[:, j : j + 1]).count_nonzero(dim=-1).float(), area, area[:, j : j + 1])
+    assert torch.equal(fast.agreement["mask_iou"].nan_to_num(-1), agree.nan_to_num(-1))
+    assert torch.equal(fast.agreement["mask_iou"].nan_to_num(-1), kept.agreement["mask_iou"].nan_to_num(-1))
