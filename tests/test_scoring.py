@@ -223,6 +223,20 @@ def test_score_batch_equals_the_per_method_steps(threshold):
             assert scores.mask_area[k, m].tolist() == masks.flatten(1).sum(1).tolist()
 
 
+def test_layer_sets_sharing_and_branching_prefixes_equal_aggregate_bit_for_bit():
+    """The scoring core walks the sets' prefixes, extending sums and dividing in place; sets that
+    branch (4+3 -> 4+3+2 and 4+3+1), repeat, or share no prefix must still equal :func:`aggregate`."""
+    from xrcam.scoring import score_batch
+
+    raw = _raw_batch(methods=("gradcam", "xrelevancecam"), batch=2)
+    sets = ["4+3", "4+3+2", "4+3+1", "3+2", "4+3", "2", "4+3+2+1", "2", "1+2"]
+    scores = score_batch(raw, size=24, layer_sets=sets, keep_maps=True)
+    for m, method in enumerate(raw):
+        norm = {layer: normalize(x, 24, method=method) for layer, x in raw[method].items()}
+        for k, layer_set in enumerate(sets):
+            assert torch.equal(scores.maps[k, m], aggregate(norm, layer_set)), layer_set
+
+
 def test_inverted_rows_score_the_negated_map_without_relu():
     from xrcam.scoring import score_batch
 
