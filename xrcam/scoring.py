@@ -785,7 +785,7 @@ def _set_counts(
     masks = torch.empty(shape, dtype=torch.bool, device=device) if keep else None
     if gt is not None:  # overlaps with the ground truth read only its pixels (a few % of the crop)
         truth = gt.to(device).reshape(batch * n).nonzero().squeeze(1)  # into the frames' (B * S * S)
-        owner = torch.div(truth, n, rounding_mode="floor")  # each of those pixels' frame
+        per_frame = gt.sum(dim=-1).tolist()  # how many of those are each frame's, in frame order
     maps_out = torch.empty(shape, dtype=dtype, device=device) if keep else None
     for k, maps in _layer_set_maps(normalised, layers, layer_sets):
         if keep:
@@ -797,9 +797,9 @@ def _set_counts(
             masks[k] = flat.view(maps.shape).bool()
         binary = flat.view(rows, batch, n)
         area[k] = binary.sum(dim=-1)
-        if gt is not None:  # one gather and one scatter-add for every frame (sums of 0/1: exact)
-            inside = binary.view(rows, batch * n).index_select(1, truth)
-            gt_overlap[k] = torch.zeros_like(gt_overlap[k]).index_add_(1, owner, inside)
+        if gt is not None:  # one gather for every frame, then a sum per frame (sums of 0/1: exact)
+            inside = binary.view(rows, batch * n).index_select(1, truth).split(per_frame, dim=1)
+            torch.stack([part.sum(dim=1) for part in inside], dim=1, out=gt_overlap[k])
         for b in range(batch if against is not None else 0):
             torch.mv(binary[:, b], binary[against, b], out=row_overlap[k, :, b])
     as_float32 = [None if c is None else c.float() for c in (area, gt_overlap, row_overlap)]
