@@ -18,7 +18,6 @@ into the Parquet writers. A rerun replaces everything it wrote.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -76,7 +75,7 @@ class ReduceSettings:
 
     layer_sets: tuple[str, ...] = DEFAULT_LAYER_SETS
     threshold: str = "mean+std"  # "mean+std", "fraction:<f>" or "otsu"
-    chunk_frames: int | None = None  # frames read per step; default: the store's chunk length
+    chunk_frames: int | None = None  # frames read per step; default: one shard of the video
     references: tuple[str, ...] = DEFAULT_REFERENCES
     inverted: tuple[str, ...] | None = None
     agreement: bool = True
@@ -154,7 +153,8 @@ def reduce_video(
 
     A plain function (no Ray, no process-wide tuning) so tests and a single process can call it;
     :func:`reduce_results` runs it as a Ray task per video. Frames are read ``chunk_frames`` at a time
-    and scored :data:`_SCORE_BATCH` at a time, so memory is bounded by the chunk, not the video.
+    (default: one shard) and scored :data:`_SCORE_BATCH` at a time, so memory is bounded by the
+    shard, not the video.
     """
     import numpy as np
     import pyarrow as pa
@@ -177,7 +177,8 @@ def reduce_video(
     inverted = settings.inverted_for(methods)
     against = tables.REFERENCE_AGAINST if settings.agreement and tables.REFERENCE_AGAINST in methods else None
     frames, size = layout.num_frames, layout.size
-    chunk = settings.chunk_frames or store.chunk_frames
+    # one shard per step: one file per array (a chunk per step re-reads every array's shard index)
+    chunk = settings.chunk_frames or store.shard_frames(layout)
     sets = list(settings.layer_sets)
     config = store.preprocess_config() if "intensity" in settings.references else None
 
@@ -492,14 +493,6 @@ def _on_ray(
                 yield key, _failure(key, exc)
 
 
-def _lock(results: Path):
-    try:
-        from workflows.lock import results_lock
-    except ImportError:  # pragma: no cover - the lock module arrives with the reliability work
-        return contextlib.nullcontext()
-    return results_lock(results, "reduce")
-
-
 def reduce_results(
     results: str | Path,
     settings: ReduceSettings | None = None,
@@ -519,6 +512,7 @@ def reduce_results(
     summary also written to ``RESULTS/reduce.json``.
     """
     from workflows import tables
+    from workflows.lock import results_lock
     from workflows.store import ResultStore
 
     results = Path(results)
@@ -526,7 +520,7 @@ def reduce_results(
     store = ResultStore.open(results, mode="r")
     _layers_needed(store, settings)  # a wrong layer set is one clear error, not a failure per video
     settings.inverted_for(store.methods)
-    with _lock(results):
+    with results_lock(results, "reduce"):
         keys = store.video_keys()
         complete = [k for k in keys if store.is_complete(k)]
         incomplete = sorted(set(keys) - set(complete))

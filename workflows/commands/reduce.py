@@ -62,7 +62,7 @@ _DEFAULTS = ReduceSettings.__dataclass_fields__
     "--chunk-frames",
     type=click.IntRange(min=1),
     default=None,
-    help="Frames read per step (default: the store's chunk length).",
+    help="Frames read per step (default: one shard of each video, --shard-chunks x --chunk-frames of the run).",
 )
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def command(
