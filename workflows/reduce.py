@@ -18,9 +18,11 @@ into the Parquet writers. A rerun replaces everything it wrote.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -548,6 +550,9 @@ def reduce_results(
         names += [f"inverted_{m}" for m in settings.inverted_for(store.methods)] + list(settings.references)
         from workflows.ray_session import resolve_address
 
+        # the summary tables need pandas (~0.35 s to import): a thread imports it while the videos
+        # are scored, instead of a scoring thread (pyarrow imports it for string columns) or after
+        threading.Thread(target=importlib.import_module, args=("pandas",), daemon=True).start()
         videos = (
             _on_ray(results, complete, settings, address, parallel, axioms)
             if workers and resolve_address(address)
