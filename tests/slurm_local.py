@@ -23,7 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 __all__ = ["ensure_slurm_installed", "local_slurm", "wait_for_job"]
@@ -229,11 +229,17 @@ def local_slurm(nodes: int = 1) -> Iterator[dict[str, str]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def daemon_logs(env: Mapping[str, str]) -> str:
+    """The tails of the local cluster's daemon logs (slurmctld, slurmd, munged), for a failure message."""
+    root = Path(env["SLURM_CONF"]).parent
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(root.glob("*.log")))
+
+
 def _wait(ready, timeout_s: float, what: str, root: Path) -> None:
     deadline = time.monotonic() + timeout_s
     while not ready():
         if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(root.glob("*.log")))
+            logs = daemon_logs({"SLURM_CONF": str(root / "slurm.conf")})
             raise TimeoutError(f"local SLURM: {what} within {timeout_s:.0f} s\n{logs}")
         time.sleep(0.5)
 

@@ -56,7 +56,7 @@ def _job_fields(job_id: str, env: dict[str, str]) -> dict[str, str]:
 def test_slurm_job_requeues_resumes_equals_local_run_and_cleans_up(case):
     """One job with --requeue: warned of its time limit mid-run (the USR1 SLURM sends with --signal),
     it stops its run and its own Ray and requeues itself; the second start finishes the work."""
-    from slurm_local import local_slurm, wait_for_job
+    from slurm_local import daemon_logs, local_slurm, wait_for_job
 
     remote = case["root"] / "slurm results"
     with local_slurm() as slurm_env:
@@ -89,7 +89,9 @@ def test_slurm_job_requeues_resumes_equals_local_run_and_cleans_up(case):
 
         job = wait_for_job(job_id, slurm_env, timeout_s=900)
         output = log.read_text() if log.exists() else "(no log)"
-        assert job.get("JobState") == "COMPLETED" and job.get("ExitCode") == "0:0", output
+        assert job.get("JobState") == "COMPLETED" and job.get("ExitCode") == "0:0", (
+            f"{output}\n{job}\n{daemon_logs(slurm_env)}"  # the daemons' side of a failed start
+        )
         assert f"requeueing job {job_id}" in output and output.count("Ray at 127.0.0.1:") == 2, output
 
         status = subprocess.run([XRCAM, "status", job_id], env=slurm_env, capture_output=True, text=True)
@@ -106,7 +108,7 @@ def test_two_node_job_runs_ray_across_both_nodes(case):
     """The multi-node path: Ray's head on the first node, a Ray node on the second via srun, both
     used by `xrcam run`, and the cleanup step on the second node. The second node is a network
     namespace of this machine (see slurm_local), so ports are per node as on real machines."""
-    from slurm_local import local_slurm, wait_for_job
+    from slurm_local import daemon_logs, local_slurm, wait_for_job
 
     remote = case["root"] / "two node results"
     run_args = [*case["run_args"], "--workers", "2"]  # the last --workers wins: one actor per node
@@ -122,7 +124,9 @@ def test_two_node_job_runs_ray_across_both_nodes(case):
         job_id = submitted.stdout.split("Submitted SLURM job ")[1].split()[0]
         job = wait_for_job(job_id, slurm_env, timeout_s=900)
         output = (remote / "slurm" / f"xrcam-{job_id}.out").read_text()
-        assert job.get("JobState") == "COMPLETED" and job.get("ExitCode") == "0:0", output
+        assert job.get("JobState") == "COMPLETED" and job.get("ExitCode") == "0:0", (
+            f"{output}\n{job}\n{daemon_logs(slurm_env)}"  # the daemons' side of a failed start
+        )
         assert job.get("NumNodes") == "2", job
         # two Ray nodes, each on its own node's address, none on loopback
         addresses = set(re.findall(r"Local node IP.*?(\d+\.\d+\.\d+\.\d+)", output))
