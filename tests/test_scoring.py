@@ -355,3 +355,30 @@ def test_counts_in_the_reused_buffers_equal_those_of_the_kept_masks(threshold):
     agree = iou_of((masks & masks[:, j : j + 1]).count_nonzero(dim=-1).float(), area, area[:, j : j + 1])
     assert torch.equal(fast.agreement["mask_iou"].nan_to_num(-1), agree.nan_to_num(-1))
     assert torch.equal(fast.agreement["mask_iou"].nan_to_num(-1), kept.agreement["mask_iou"].nan_to_num(-1))
+
+
+def test_scoring_leaves_no_reference_cycles():
+    """A reference cycle (e.g. a closure that calls itself) would keep the batch-sized buffers alive
+    until the garbage collector runs: a 40-video reduce peaked at 2.0 instead of 1.0 GB that way."""
+    import gc
+
+    from xrcam.scoring import score_batch
+
+    raw = _raw_batch(methods=("gradcam", "xrelevancecam"))
+    gt = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(4)) > 0.7
+    options = dict(
+        size=32,
+        layer_sets=["1", "4", "4+3", "4+3+1", "4+3+2+1"],
+        gt=gt,
+        agreement_with="xrelevancecam",
+        inverted=["xrelevancecam"],
+        references=["random", "centre", "oracle"],
+    )
+    score_batch(raw, **options)  # first call: imports and lazily built tables are not garbage
+    gc.collect()
+    gc.disable()
+    try:
+        score_batch(raw, **options)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
