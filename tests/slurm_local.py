@@ -62,6 +62,13 @@ def _memory_mb() -> int:
     raise RuntimeError("no MemTotal in /proc/meminfo")
 
 
+#: Lifetime of a job credential, which is also how long a requeued job waits before it starts again
+#: (SLURM's default: 120 s). Starting it sooner by hand (``scontrol update StartTime=now``) races the
+#: node daemon, which refuses a job id whose credential it still holds as revoked ("Job credential
+#: revoked"): the requeue test failed that way twice in full test runs.
+CRED_EXPIRE_S = 20
+
+
 def _config(root: Path, nodes: list[tuple[str, str]], controller: str) -> str:
     """slurm.conf for ``nodes`` ((name, address) pairs) and a controller reachable at ``controller``."""
     cpus, memory = os.cpu_count(), _memory_mb() * 9 // 10
@@ -78,7 +85,7 @@ SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge.socket
+AuthInfo=socket={root}/munge.socket,cred_expire={CRED_EXPIRE_S}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool-%n
 SlurmctldPidFile={root}/slurmctld.pid
