@@ -50,11 +50,10 @@ def resolve_address(address: str | None = None) -> str | None:
 def tune_process() -> None:
     """Process-wide settings of every Ray worker process of our jobs (setting them twice is harmless).
 
-    Silences Ray Train's State-API polling warnings, which a session without dashboard provokes: Ray
-    Train polls the State API, which a local session without dashboard does not serve, and warns
-    about it every few seconds from a helper actor, saying nothing actionable here. (Memory is left to
-    glibc: a fixed mmap threshold made every multi-MB tensor of an explanation a fresh mapping and
-    `xrcam run` 1.4x slower.)
+    Silences Ray Train's State-API polling warnings: Ray Train polls the State API, which a local
+    session without dashboard does not serve, and warns about it every few seconds from a helper
+    actor, saying nothing actionable here. (Memory is left to glibc: a fixed mmap threshold made every
+    multi-MB tensor of an explanation a fresh mapping and `xrcam run` 1.4x slower.)
     """
     for name in _WITHOUT_DASHBOARD_NOISE:
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -439,8 +439,8 @@ def _in_process(
     processes. Each video is scored by one thread with one intra-op thread, as a Ray task is: the
     scoring is a stream of memory-bound ops on batch-sized tensors, where a second intra-op thread
     gains less than a second video does. Videos are queued ``2 * threads`` ahead of the one awaited
-    (:func:`_in_order`: memory stays bounded per video); results come in submission order, so rows are written in the same order on
-    every run. The caller's torch thread count is restored afterwards.
+    (:func:`_in_order`: memory stays bounded per video); results come in submission order, so rows
+    are written in the same order on every run. The caller's torch thread count is restored afterwards.
     """
     import torch
 

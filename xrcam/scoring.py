@@ -492,9 +492,7 @@ def iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         ) from None
     p = pred.flatten(-2).float()
     g = gt.flatten(-2).float()
-    inter = _overlap(p, g)
-    union = p.sum(dim=-1) + g.sum(dim=-1) - inter
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
+    return _iou_of_counts(_overlap(p, g), p.sum(dim=-1), g.sum(dim=-1))
 
 
 def _iou_of_counts(inter: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor) -> torch.Tensor:
@@ -704,10 +702,7 @@ def score_stacks(
         )
         del normalised
         areas = counts.area
-        if gt_flat is not None:
-            ious = _iou_of_counts(counts.gt_overlap, areas, gt_flat.sum(dim=-1, dtype=torch.float32))
-        else:
-            ious = torch.full(areas.shape, float("nan"), device=device)
+        ious = counts.gt_iou if gt_flat is not None else torch.full(areas.shape, float("nan"), device=device)
     else:
         ious = torch.empty((len(layer_sets), 0, batch))
         areas = torch.empty((len(layer_sets), 0, batch))
@@ -746,10 +741,11 @@ def score_stacks(
 
 @dataclass
 class _SetCounts:
-    """Pixel counts of every layer set's masks, each ``(K, R, B)`` float32 (exact integers)."""
+    """Pixel counts of every layer set's masks and their IoU with the ground truth, each ``(K, R, B)``
+    float32 (the counts exact integers)."""
 
     area: torch.Tensor
-    gt_overlap: torch.Tensor | None  # mask AND ground truth
+    gt_iou: torch.Tensor | None  # IoU with the ground truth (NaN where both are empty)
     row_overlap: torch.Tensor | None  # mask AND the mask of row ``against``
     maps: torch.Tensor | None = None  # (K, R, B, S, S), only with keep
     masks: torch.Tensor | None = None  # (K, R, B, S, S) bool, only with keep
@@ -767,8 +763,8 @@ def _set_counts(
     against: int | None = None,
 ) -> _SetCounts:
     """``(L, R, B, S, S)`` normalised maps -> every layer set's mask areas, overlaps with ``gt``
-    ``(B, S*S)`` bool and with the masks of row ``against``, for methods and references alike.
-    Consumes ``normalised`` (see :func:`_layer_set_maps`).
+    ``(B, S*S)`` bool (on the maps' device; returned as IoUs) and with the masks of row ``against``,
+    for methods and references alike. Consumes ``normalised`` (see :func:`_layer_set_maps`).
 
     Each set's masks are made and counted right after its maps (~12 MB for a batch of 8: still in
     the L3 cache), as 0/1 floats written over the maps themselves: torch's comparison into a float
@@ -787,8 +783,9 @@ def _set_counts(
     row_overlap = None if against is None else torch.empty_like(area)
     masks = torch.empty(shape, dtype=torch.bool, device=device) if keep else None
     if gt is not None:  # overlaps with the ground truth read only its pixels (a few % of the crop)
-        truth = gt.to(device).reshape(batch * n).nonzero().squeeze(1)  # into the frames' (B * S * S)
-        per_frame = gt.sum(dim=-1).tolist()  # how many of those are each frame's, in frame order
+        truth = gt.reshape(batch * n).nonzero().squeeze(1)  # into the frames' (B * S * S)
+        gt_area = gt.sum(dim=-1, dtype=torch.float32)
+        per_frame = gt_area.long().tolist()  # how many of those are each frame's, in frame order
     maps_out = torch.empty(shape, dtype=dtype, device=device) if keep else None
     for k, maps in _layer_set_maps(normalised, layers, layer_sets):
         if keep:
@@ -803,10 +800,12 @@ def _set_counts(
         if gt is not None:  # one gather for every frame, then a sum per frame (sums of 0/1: exact)
             inside = binary.view(rows, batch * n).index_select(1, truth).split(per_frame, dim=1)
             torch.stack([part.sum(dim=1) for part in inside], dim=1, out=gt_overlap[k])
-        for b in range(batch if against is not None else 0):
-            torch.mv(binary[:, b], binary[against, b], out=row_overlap[k, :, b])
-    as_float32 = [None if c is None else c.float() for c in (area, gt_overlap, row_overlap)]
-    return _SetCounts(*as_float32, maps_out, masks)
+        if against is not None:
+            for b in range(batch):
+                torch.mv(binary[:, b], binary[against, b], out=row_overlap[k, :, b])
+    area = area.float()
+    gt_iou = None if gt is None else _iou_of_counts(gt_overlap.float(), area, gt_area)
+    return _SetCounts(area, gt_iou, None if row_overlap is None else row_overlap.float(), maps_out, masks)
 
 
 def _score_references(
@@ -880,8 +879,7 @@ def _score_references(
             normalize_stack(torch.stack(stage), size, relu=[False] * len(stage), out=stacked[j])
         counts = _set_counts(stacked, layers, layer_sets, rule, fraction, keep=False, gt=gt_flat)
         del stacked
-        area = counts.area
-        score = _iou_of_counts(counts.gt_overlap, area, gt_area)
+        area, score = counts.area, counts.gt_iou
         for name, (a, b) in spans.items():
             # stacked draws first, then reduced over dim 0: the summation order of the per-draw loop
             ious[name] = torch.stack(score[:, a:b].unbind(1)).nanmean(dim=0)
