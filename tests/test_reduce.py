@@ -322,7 +322,7 @@ def test_a_damaged_video_is_reported_and_the_others_carry_on(results):
 
     store = ResultStore.open(results)
     bad = store.video_keys()[1]
-    shard = results / "maps.zarr" / bad / "layer2" / "c" / "0" / "0" / "0" / "0"
+    shard = results / "maps.zarr" / bad / "maps" / "c" / "0" / "0" / "0" / "0" / "0"
     assert shard.is_file()
     shard.write_bytes(b"not a shard")
     out = CliRunner().invoke(

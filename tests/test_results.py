@@ -72,8 +72,10 @@ def test_open_lists_settings_classes_videos_and_the_tree(run):
     assert sorted(res.tree.children) == res.video_keys
     key = res.video_keys[0]
     ds = res.video(key)
-    assert ds["layer2"].dims == ("cam", "frame", "layer2_y", "layer2_x")
-    assert set(ds.coords) == set(res.tree[key].to_dataset().coords)  # the grid too, wherever it is stored
+    assert ds["maps"].dims == ("layer", "cam", "frame", "map_y", "map_x")  # as the tree holds it
+    assert ds["layer2"].dims == ("cam", "frame", "layer2_y", "layer2_x")  # and each layer at its own grid
+    own = {f"{layer}_{axis}" for layer in res.layers for axis in "yx"}
+    assert set(ds.coords) == set(res.tree[key].to_dataset().coords) | own  # the grid wherever it is stored
     assert ds["y"].values[0] == ds.sizes["y"] - 1 and ds["y"].attrs["source_row"] == ds.attrs["source_row"]
     entry = run["entries"][0]
     assert res.video(entry.video_id).attrs["video_id"] == entry.video_id  # a video id works as a key

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from workflows.settings import RunSettings, load_toml
-from workflows.store import ResultStore, VideoLayout, video_id_of_key, video_key
+from workflows.store import ResultStore, VideoLayout, layer_cells, video_id_of_key, video_key
 from xrcam.errors import XrcamConfigError
 
 SETTINGS = {
@@ -81,10 +81,14 @@ def test_xarray_opens_every_video_in_one_call_without_warnings(tmp_path):
         tree = xr.open_datatree(tmp_path / "maps.zarr", engine="zarr")
         ds = tree[LAYOUT.key].to_dataset()
     assert sorted(tree.children) == sorted([LAYOUT.key, other.key])
-    assert ds["layer1"].dims == ("cam", "frame", "layer1_y", "layer1_x")
+    assert ds["maps"].dims == ("layer", "cam", "frame", "map_y", "map_x")
     assert list(ds["cam"].values) == SETTINGS["methods"] and list(ds["class"].values) == SETTINGS["classes"]
+    assert list(ds["layer"].values) == SETTINGS["layers"]
     assert ds["frame"].values.tolist() == list(range(0, 19, 2))  # original frame indices
-    np.testing.assert_array_equal(ds["layer1"].sel(cam="xrelevancecam").values, maps["layer1"][1])
+    finest = ds["maps"].sel(layer="layer1", cam="xrelevancecam").values
+    np.testing.assert_array_equal(finest, maps["layer1"][1])
+    coarse = ds["maps"].sel(layer="layer4", cam="xrelevancecam").values  # one cell: spread over the grid
+    np.testing.assert_array_equal(coarse, np.broadcast_to(maps["layer4"][1], coarse.shape))
     np.testing.assert_array_equal(ds["gt_mask"].values > 0, gt)
     np.testing.assert_array_equal(ds["logits"].values, logits)
     # y counts up from the bottom row, so imshow puts row 0 (the top of the crop) at the top
@@ -94,21 +98,28 @@ def test_xarray_opens_every_video_in_one_call_without_warnings(tmp_path):
     assert top == pytest.approx(LAYOUT.size - 0.5)
     # the crop-to-source formulas are the video's (its crop offset); res.video puts them on y/x too
     assert ds.attrs["source_row"].startswith("6 +") and ds.attrs["source_column"].startswith("5 +")
-    assert store.open_dataset(LAYOUT.key)["x"].attrs["source_column"] == ds.attrs["source_column"]
-    assert ds["layer4_y"].values.tolist() == [11.5]  # one cell over 24 px: its centre
+    direct = store.open_dataset(LAYOUT.key)
+    assert direct["x"].attrs["source_column"] == ds.attrs["source_column"]
+    # the read API's view adds each layer at its own resolution, picked out of `maps` exactly
+    assert direct["layer4"].dims == ("cam", "frame", "layer4_y", "layer4_x")
+    np.testing.assert_array_equal(direct["layer4"].values, maps["layer4"])
+    np.testing.assert_array_equal(direct["layer1"].values, maps["layer1"])
+    assert direct["layer4_y"].values.tolist() == [11.5]  # one cell over 24 px: its centre
+    assert ds["map_y"].values[0] == 21.5 and ds["map_x"].values.tolist()[:2] == [1.5, 5.5]  # 6 cells
 
 
 FOUR_STAGES = replace(
     LAYOUT, map_shapes={"layer1": (6, 6), "layer2": (3, 3), "layer3": (2, 2), "layer4": (1, 1)}
 )
+FOUR_STAGE_SETTINGS = {**SETTINGS, "layers": list(FOUR_STAGES.map_shapes)}
 
 
 def _files(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def test_a_one_shard_video_is_17_files_and_the_root_holds_the_grid_once(tmp_path):
-    store = ResultStore.open(tmp_path, SETTINGS)
+def test_a_one_shard_video_is_11_files_and_the_root_holds_the_grid_once(tmp_path):
+    store = ResultStore.open(tmp_path, FOUR_STAGE_SETTINGS)
     layouts = [
         replace(FOUR_STAGES, shard_frames=12),  # 10 kept frames: one work shard
         replace(FOUR_STAGES, video_id="glioblastoma/p2/v.mkt", crop=(0, 1, 24), shard_frames=12),
@@ -118,19 +129,49 @@ def test_a_one_shard_video_is_17_files_and_the_root_holds_the_grid_once(tmp_path
         _write_all(store, layout)
     store.write_summary({"videos": 2})
     maps = tmp_path / "maps.zarr"
-    arrays = ["frame", "logits", "gt_mask", "has_gt_mask", "layer1", "layer2", "layer3", "layer4"]
+    arrays = ["frame", "logits", "gt_mask", "has_gt_mask", "maps"]
     for layout in layouts:
         files = _files(maps / layout.key)
-        assert len(files) == 17, files  # 37 when every video held its own grid coordinates
+        assert len(files) == 11, files  # 17 with an array per layer, 37 with the grid in every video
         assert sorted({f.split("/")[0] for f in files}) == sorted(["zarr.json", *arrays])
         assert all(len([f for f in files if f.startswith(f"{a}/")]) == 2 for a in arrays)  # metadata + 1 file
-    grid = ["y", "x"] + [f"layer{n}_{axis}" for n in range(1, 5) for axis in "yx"]
+    grid = ["y", "x", "map_y", "map_x"]
     root_arrays = {p.name for p in maps.iterdir() if p.is_dir()} - {layout.key for layout in layouts}
-    assert root_arrays == {"cam", "class", *grid}  # cam, class and the grid, once
+    assert root_arrays == {"cam", "class", "layer", *grid}  # the names and the grid, once
     assert all(_files(maps / name) == ["c/0", "zarr.json"] for name in grid)
     ds = store.open_dataset(layouts[1].key)
     assert ds["y"].values[0] == 23 and ds["layer2_x"].values.tolist() == [3.5, 11.5, 19.5]
     assert ds.attrs["source_row"].startswith("1 +") and ds["y"].attrs["source_row"] == ds.attrs["source_row"]
+
+
+def test_every_layer_reads_back_bit_for_bit_from_the_finest_layers_grid(tmp_path):
+    """ResNet's layers at 230 px (58, 29, 15, 8 cells) do not nest by integer factors: each stored cell
+    holds the layer's cell whose area holds the stored cell's centre, and every raw map reads back."""
+    shapes = {"layer1": (58, 57), "layer2": (29, 29), "layer3": (15, 14), "layer4": (8, 8)}
+    layout = replace(LAYOUT, crop=(0, 0, 230), input_size=None, map_shapes=shapes, num_source_frames=12)
+    store = ResultStore.open(tmp_path, {**SETTINGS, "layers": list(shapes)})
+    store.create_video(layout)
+    maps, _, _ = _write_all(store, layout)
+    stacks = store.read_stacks(layout.key, slice(None))
+    for layer in shapes:
+        np.testing.assert_array_equal(stacks[layer], maps[layer])
+    subset = store.read_stacks(layout.key, [4, 1], methods=["xrelevancecam"], layers=["layer3"])
+    np.testing.assert_array_equal(subset["layer3"], maps["layer3"][1:, [4, 1]])
+    stored = store.open_dataset(layout.key)["maps"]
+    for layer, (h, w) in shapes.items():  # nearest by centre, in floating point here
+        rows = np.floor((np.arange(58) + 0.5) * h / 58).astype(int)
+        columns = np.floor((np.arange(57) + 0.5) * w / 57).astype(int)
+        np.testing.assert_array_equal(
+            stored.sel(layer=layer).values, maps[layer][:, :, rows[:, None], columns]
+        )
+
+
+def test_every_cell_of_a_coarser_layer_keeps_a_stored_cell():
+    for fine in range(1, 80):
+        for cells in range(1, fine + 1):
+            spread, picks = layer_cells(cells, fine)
+            assert spread[0] == 0 and spread[-1] == cells - 1 and set(np.diff(spread)) <= {0, 1}
+            assert spread[picks].tolist() == list(range(cells))
 
 
 def test_a_run_of_two_grids_demotes_the_root_grid_and_opens_without_warnings(tmp_path):
@@ -141,7 +182,12 @@ def test_a_run_of_two_grids_demotes_the_root_grid_and_opens_without_warnings(tmp
     store = ResultStore.open(tmp_path, SETTINGS)
     small = LAYOUT
     other = replace(
-        FOUR_STAGES, video_id="glioblastoma/p2/v.mkt", crop=(1, 2, 32), input_size=None, label_index=0
+        LAYOUT,
+        video_id="glioblastoma/p2/v.mkt",
+        crop=(1, 2, 32),
+        input_size=None,
+        label_index=0,
+        map_shapes={"layer1": (8, 8), "layer4": (1, 1)},
     )
     third = replace(LAYOUT, video_id="meningioma/p3/v.mkt")
     store.create_video(small)
@@ -149,10 +195,11 @@ def test_a_run_of_two_grids_demotes_the_root_grid_and_opens_without_warnings(tmp
     store.write_summary({"videos": 1})  # and the root's
     assert "y" in store.group.array_keys()
     store.create_video(other)  # another grid: the root's moves into the first video
-    assert set(store.group.array_keys()) == {"cam", "class"}
+    assert set(store.group.array_keys()) == {"cam", "class", "layer"}
     _write_all(store, other, seed=1)
-    store.create_video(third)  # the first video's grid again: it holds its own too
-    _write_all(store, third, seed=2)
+    resumed = ResultStore.open(tmp_path, SETTINGS)  # a resumed run finds no grid in the root
+    resumed.create_video(third)  # the first video's grid again: it holds its own too
+    _write_all(resumed, third, seed=2)
     for layout in (small, other, third):
         assert "y" in ResultStore.open(tmp_path).video(layout.key).array_keys()
     with warnings.catch_warnings():
@@ -165,15 +212,17 @@ def test_a_run_of_two_grids_demotes_the_root_grid_and_opens_without_warnings(tmp
         ds = tree[layout.key].to_dataset()
         assert ds.sizes["y"] == ds.sizes["x"] == layout.size
         assert ds["y"].values[0] == layout.size - 1  # decreasing: imshow the right way up
-        centres = (np.arange(6) + 0.5) * layout.size / 6 - 0.5  # 6x6 cells over the crop, counted up
-        np.testing.assert_allclose(ds["layer1_y"].values, layout.size - 1 - centres, rtol=1e-6)
+        cells = layout.map_shapes["layer1"][0]  # the finest layer's cells over the crop, counted up
+        centres = (np.arange(cells) + 0.5) * layout.size / cells - 0.5
+        np.testing.assert_allclose(ds["map_y"].values, layout.size - 1 - centres, rtol=1e-6)
         assert (
             ds["y"].attrs["source_row"]
             == ds.attrs["source_row"]
             == store.open_dataset(layout.key).attrs["source_row"]
         )
-        xr.testing.assert_equal(ds.coords.to_dataset(), store.open_dataset(layout.key).coords.to_dataset())
-    assert tree[other.key].to_dataset().sizes["layer3_y"] == 2
+        direct = store.open_dataset(layout.key).coords.to_dataset()
+        xr.testing.assert_equal(ds.coords.to_dataset(), direct[list(ds.coords)])
+    assert store.open_dataset(other.key).sizes["layer1_y"] == 8 == tree[other.key].to_dataset().sizes["map_y"]
     assert stale[small.key].to_dataset()["y"].values[0] == 23  # what the stale view lists still reads
     # the demotion re-consolidated the complete video's own metadata, so opening it alone finds its y
     assert xr.open_zarr(tmp_path / "maps.zarr", group=small.key)["y"].values[0] == 23
@@ -182,12 +231,21 @@ def test_a_run_of_two_grids_demotes_the_root_grid_and_opens_without_warnings(tmp
 def test_the_tree_view_of_a_video_has_the_coordinates_of_open_dataset(tmp_path):
     import xarray as xr
 
-    store = ResultStore.open(tmp_path, SETTINGS)
+    store = ResultStore.open(tmp_path, FOUR_STAGE_SETTINGS)
     store.create_video(FOUR_STAGES)
     _write_all(store, FOUR_STAGES)
     tree = store.open_datatree()
     ds, direct = tree[FOUR_STAGES.key].to_dataset(), store.open_dataset(FOUR_STAGES.key)
-    assert set(ds.coords) == set(direct.coords)
+    own = {f"layer{n}_{axis}" for n in range(1, 5) for axis in "yx"}  # of the derived per-layer maps
+    assert set(direct.coords) == set(ds.coords) | own
+    assert set(direct.data_vars) - set(ds.data_vars) == {
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+        "predicted",
+        "probabilities",
+    }
     for name in ds.coords:
         xr.testing.assert_equal(ds[name], direct[name])
         assert ds[name].dims == direct[name].dims
@@ -202,25 +260,19 @@ def test_root_coordinates_left_incomplete_by_a_crash_are_repaired_by_the_next_vi
     bigger = replace(LAYOUT, crop=(0, 0, 32), input_size=None)
     store.create_video(bigger)
     # as if the driver died writing the first video's root coordinates (another grid, part of them)
-    del store.group["layer4_x"], store.group[bigger.key]
+    del store.group["map_x"], store.group[bigger.key]
     store.create_video(LAYOUT)  # the first video (again): the root takes its grid, whole
-    assert set(store.group.array_keys()) == {
-        "cam",
-        "class",
-        "y",
-        "x",
-        *(f"layer{n}_{a}" for n in (1, 4) for a in "yx"),
-    }
+    assert set(store.group.array_keys()) == {"cam", "class", "layer", "y", "x", "map_y", "map_x"}
     other = replace(LAYOUT, video_id="glioblastoma/p2/v.mkt")
     store.create_video(other)
     assert "y" not in store.video(other.key).array_keys()  # same grid: inherited
-    del store.group["layer4_x"]  # a demotion cut short: part of the root grid gone, no video has its own
+    del store.group["map_x"]  # a demotion cut short: part of the root grid gone, no video has its own
     third = replace(LAYOUT, video_id="glioblastoma/p3/v.mkt")
     store.create_video(third)  # the root grid is incomplete: demoted again, whole
-    assert set(store.group.array_keys()) == {"cam", "class"}
+    assert set(store.group.array_keys()) == {"cam", "class", "layer"}
     tree = store.open_datatree()
     for layout in (LAYOUT, other, third):
-        assert tree[layout.key].to_dataset()["layer4_x"].values.tolist() == [11.5]
+        assert tree[layout.key].to_dataset()["map_x"].values.tolist() == [1.5, 5.5, 9.5, 13.5, 17.5, 21.5]
 
 
 def test_creating_and_opening_a_video_never_lists_the_root(tmp_path, monkeypatch):
@@ -250,51 +302,12 @@ def test_creating_and_opening_a_video_never_lists_the_root(tmp_path, monkeypatch
     assert listed == []
 
 
-def test_a_format_2_store_with_coordinates_in_every_video_reads_and_resumes(tmp_path):
-    """Stores written before the root grid: every video held y/x/stage coordinates (and the formulas
-    only on y/x). They read as before, and a resumed run adds videos in the same way."""
-    import zarr
-
-    store = ResultStore.open(tmp_path, SETTINGS)
-    other = replace(LAYOUT, video_id="glioblastoma/p2/v.mkt", crop=(0, 0, 24))
-    root = zarr.open_group(tmp_path / "maps.zarr", mode="r+")
-    for layout in (LAYOUT, other):
-        store.create_video(layout)
-    grid = [name for name in root.array_keys() if name not in ("cam", "class")]
-    for layout in (LAYOUT, other):  # rewrite as the old layout was: the grid in each video, formulas on y/x
-        group = root[layout.key]
-        for name in grid:
-            attrs = root[name].attrs.asdict()
-            if name in ("y", "x"):
-                formula = "source_row" if name == "y" else "source_column"
-                attrs[formula] = group.attrs[formula]
-                del group.attrs[formula]
-            array = group.create_array(name, shape=root[name].shape, dtype="float32", dimension_names=(name,))
-            array[:] = root[name][:]
-            array.attrs.update(attrs)
-    for name in grid:
-        del root[name]
-    resumed = ResultStore.open(tmp_path, SETTINGS)
-    third = replace(LAYOUT, video_id="glioblastoma/p3/v.mkt")
-    resumed.create_video(third)
-    assert "y" in resumed.video(third.key).array_keys() and "y" not in resumed.group.array_keys()
-    for layout in (LAYOUT, other, third):
-        ds = resumed.open_dataset(layout.key)
-        assert (
-            ds.attrs["source_column"]
-            == ds["x"].attrs["source_column"]
-            == f"{layout.crop[0]} + (x + 0.5) * 1 - 0.5"
-        )
-        assert ds["x"].values.tolist() == list(range(24)) and ds["y"].values[0] == 23
-    assert sorted(resumed.open_datatree().children) == sorted([LAYOUT.key, other.key, third.key])
-
-
 def test_shards_follow_the_work_shards_and_files_stay_few(tmp_path):
     store = ResultStore.open(tmp_path, SETTINGS)
     layout = replace(LAYOUT, num_source_frames=80, shard_frames=8)  # 40 kept frames, 5 work shards
     store.create_video(layout)
     _write_all(store, layout)
-    shard_files = sorted((tmp_path / "maps.zarr" / layout.key / "layer1" / "c").rglob("*"))
+    shard_files = sorted((tmp_path / "maps.zarr" / layout.key / "maps" / "c").rglob("*"))
     shard_files = [p for p in shard_files if p.is_file()]
     assert len(shard_files) == 5  # one file per work shard, whatever the chunk count inside
     with pytest.raises(XrcamConfigError, match="work shard"):
@@ -316,7 +329,7 @@ def test_shards_follow_the_work_shards_and_files_stay_few(tmp_path):
             maps={},
         )
     files = [p for p in (tmp_path / "maps.zarr").rglob("*") if p.is_file()]
-    per_shard_arrays = 3 + len(layout.map_shapes)  # logits, gt_mask, has_gt_mask, one per stage
+    per_shard_arrays = 4  # logits, gt_mask, has_gt_mask, maps
     assert len(files) <= 40 + 5 * per_shard_arrays  # a fixed overhead per video, then per shard
 
 
@@ -330,14 +343,16 @@ def test_video_keys_are_injective_and_invertible():
     assert all(not k.startswith("__") for k in keys)
 
 
-def test_a_store_of_the_old_format_is_refused_with_how_to_redo_it(tmp_path):
+@pytest.mark.parametrize("found", [None, 2])
+def test_a_store_of_an_old_format_is_refused_with_how_to_redo_it(tmp_path, found):
     import zarr
 
-    zarr.open_group(tmp_path / "maps.zarr", mode="w", attributes={"settings": SETTINGS}).require_group(
-        "videos"
-    )
+    attrs = {"settings": SETTINGS, **({"xrcam_store_format": found} if found else {})}
+    zarr.open_group(tmp_path / "maps.zarr", mode="w", attributes=attrs).require_group("videos")
     for opener in (lambda: ResultStore.open(tmp_path), lambda: ResultStore.open(tmp_path, SETTINGS)):
-        with pytest.raises(XrcamConfigError, match="format 1.*--overwrite"):
+        with pytest.raises(
+            XrcamConfigError, match=f"format {found or 1}, this xrcam reads format 3.*--overwrite"
+        ):
             opener()
 
 

@@ -5,7 +5,8 @@ Example::
     from workflows import results
     res = results.open("RESULTS")
     res.video_keys                       # one per video
-    ds = res.video(res.video_keys[0])    # xr.Dataset: maps per stage, dims (cam, frame, layerN_y, layerN_x)
+    ds = res.video(res.video_keys[0])    # xr.Dataset: maps (layer, cam, frame, map_y, map_x), and per layer
+                                         # at its own grid: ds["layer4"] (cam, frame, layer4_y, layer4_x)
     df = res.metrics(method="xrelevancecam", layer_set="4+3+2+1")   # per-frame rows
     res.table("table2")                  # mIoU % per method and layer set, with CIs and reference rows
     crops = res.frames(key, [0, 1])      # (2, S, S) float32 in [0, 1]: exactly what the run explained
@@ -89,8 +90,9 @@ class Results:
 
     def video(self, key: str):
         """One video as an ``xr.Dataset`` (lazy, dask-free: arrays load on access), with every coordinate
-        ``tree[key]`` has: ``cam``, ``class``, ``frame`` and the grid (``y``, ``x``, ``layerN_y``,
-        ``layerN_x``), wherever the store keeps it."""
+        ``tree[key]`` has: ``cam``, ``class``, ``layer``, ``frame`` and the grid (``y``, ``x``, ``map_y``,
+        ``map_x``), wherever the store keeps it; and each layer's raw maps at its own resolution
+        (``layer4``: ``(cam, frame, layer4_y, layer4_x)``), picked out of ``maps`` exactly."""
         return self._store.open_dataset(self._key(key))
 
     # ----------------------------------------------------------------- tables

@@ -1,34 +1,44 @@
 """The Zarr side of a results folder: every array and attribute name, the store version, sharding.
 
-Layout (store format 2; ``docs/results.md`` explains why it is shaped this way)::
+Layout (store format 3; ``docs/results.md`` explains why it is shaped this way)::
 
     RESULTS/maps.zarr/                      root group: attrs xrcam_store_format, xrcam_version, settings
         cam (cam,)  class (class,)          method names and class names, inherited by every video
+        layer (layer,)                      the explained layers (stages), in the run's order
         y (y,), x (x,)                      crop-pixel coordinates of the crop grid (y counts up from
                                             the bottom row, so ``.plot.imshow()`` is the right way up)
-        layer1_y, layer1_x, ...             each stage grid's cell centres in the same crop pixels
-        <video_key>/                        one group per video (attrs: video_id, label, crop, source_row,
-                                            source_column, shards_done, complete, ...)
+        map_y (map_y,), map_x (map_x,)      centres of the finest layer's cells, in the same crop pixels
+        <video_key>/                        one group per video (attrs: video_id, label, crop, map_shapes,
+                                            source_row, source_column, shards_done, complete, ...)
             frame (frame,)                  original frame index of each stored row
-            layer1 ... layer4               raw maps (cam, frame, layerN_y, layerN_x) float16
+            maps (layer, cam, frame, map_y, map_x) float16
+                                            raw maps of every layer on the finest layer's grid: each
+                                            coarser layer's cells replicated (nearest, by cell centre)
             logits (frame, class) float32   NaN until the frame is written
             gt_mask (frame, y, x) uint8     0/1 ground truth on the crop grid
             has_gt_mask (frame,) bool       whether the frame is annotated
     RESULTS/run.json                        the run's summary
     (the Parquet side - failures, metrics, tables - lives in :mod:`workflows.tables`)
 
-**Grid coordinates** (``y``, ``x``, ``layerN_y``, ``layerN_x``) are stored once, in the root, while every
-video of the run has the same grid (``VideoLayout.size`` and ``map_shapes``: the common case), and every
-video inherits them as it inherits ``cam``/``class`` (xarray DataTree coordinate inheritance): a video
-that fits one work shard is then 17 files instead of 37. Only the per-video part of the crop-to-source
-mapping is the video's: its ``source_row`` and ``source_column`` attributes (formulas in ``y``/``x``, with
-the video's crop offset). An inherited indexed coordinate must agree with every child's dims, so when
-:meth:`ResultStore.create_video` meets a video with another grid it *demotes* the grid: writes each
-existing video's own coordinates into its group, deletes the root's, and from then on every video holds
-its own (as stores written before the root grid did: format 2 still, they read and resume unchanged,
-see ``docs/results.md``). Whether the root holds the grid is read from the root's arrays, never from a
-stored flag, so a crash mid-way is repaired by the next ``create_video`` (``ResultStore`` only remembers,
-in memory, that a store's videos hold their own, to skip listing the videos again).
+**One maps array per video, on the finest layer's grid.** A results folder is mostly per-video files (an
+array is a metadata file and a shard file), so one array for every layer instead of one per layer is
+what keeps a 100-frame video at 11 files and an archive under 200 files per 1,000 frames. The
+replication is exact and invertible: every coarse cell keeps at least one fine cell
+(:func:`layer_cells`), so :meth:`ResultStore.read_stacks` picks each layer's raw maps back out bit for
+bit, and ``.plot.imshow()`` of a coarse layer shows its cells where they lie on the crop. Replicated
+cells compress to little (+20 % bytes over the raw layers at 230 px, see ``docs/results.md``).
+
+**Grid coordinates** (``y``, ``x``, ``map_y``, ``map_x``) are stored once, in the root, while every video
+of the run has the same grid (``VideoLayout.size`` and ``map_shapes``: the common case), and every video
+inherits them as it inherits ``cam``/``class``/``layer`` (xarray DataTree coordinate inheritance). Only
+the per-video part of the crop-to-source mapping is the video's: its ``source_row`` and
+``source_column`` attributes (formulas in ``y``/``x``, with the video's crop offset). An inherited indexed
+coordinate must agree with every child's dims, so when :meth:`ResultStore.create_video` meets a video
+with another grid it *demotes* the grid: writes each existing video's own coordinates into its group,
+deletes the root's, and from then on every video holds its own. Whether the root holds the grid is read
+from the root's arrays, never from a stored flag, so a crash mid-way is repaired by the next
+``create_video`` (``ResultStore`` only remembers, in memory, that a store's videos hold their own, to
+skip listing the videos again).
 
 Every per-frame array is a Zarr v3 *sharded* array: inner chunks of ``chunk_frames`` frames inside
 shard files of exactly one work shard (``chunk_frames * shard_chunks`` frames), so the one worker that
@@ -74,12 +84,13 @@ __all__ = [
     "video_id_of_key",
     "settings_differences",
     "predictions",
+    "layer_cells",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Version of this layout; a store of another version is refused with a sentence saying how to redo it.
-STORE_FORMAT = 2
+STORE_FORMAT = 3
 MAPS_NAME = "maps.zarr"
 RUN_NAME = "run.json"
 
@@ -88,7 +99,8 @@ FRAME, Y, X, CLASS = "frame", "y", "x", "class"
 #: The method dimension is ``cam`` (all seven methods are CAMs): a dimension called ``method`` would
 #: collide with xarray's ``.sel(method=...)`` keyword and select nothing.
 METHOD = "cam"
-LOGITS, GT_MASK, HAS_GT = "logits", "gt_mask", "has_gt_mask"
+LOGITS, GT_MASK, HAS_GT, MAPS = "logits", "gt_mask", "has_gt_mask", "maps"
+LAYER, MAP_Y, MAP_X = "layer", "map_y", "map_x"
 FORMAT_ATTR = "xrcam_store_format"
 #: Video-group attributes: where the video's crop pixels sit in its source frames, as formulas in
 #: ``y``/``x`` (they depend on the video's crop offset, so they are the video's, not the root grid's).
@@ -147,6 +159,11 @@ class VideoLayout:
     @property
     def key(self) -> str:
         return video_key(self.video_id)
+
+    @property
+    def map_grid(self) -> tuple[int, int]:
+        """``(h, w)`` of the grid every layer's maps are stored on: the finest layer's, per axis."""
+        return tuple(max(shape[axis] for shape in self.map_shapes.values()) for axis in (0, 1))
 
     @property
     def num_frames(self) -> int:
@@ -242,9 +259,26 @@ def _source_attrs(layout: VideoLayout) -> dict[str, str]:
     }
 
 
+def layer_cells(cells: int, fine: int) -> tuple[np.ndarray, np.ndarray]:
+    """How ``cells`` cells of a layer sit on ``fine >= cells`` cells of the stored grid (both spread
+    evenly over the crop): ``(spread, picks)``. ``spread[j]`` is the layer's cell whose area holds fine
+    cell ``j``'s centre (nearest by centre; integer arithmetic, so exact); ``picks[i]`` is the first fine
+    cell holding layer cell ``i``. Every layer cell holds at least one fine cell (``spread`` rises by at
+    most one per step from 0 to ``cells - 1``), so ``stored[picks]`` is the raw map, bit for bit."""
+    spread = (2 * np.arange(fine) + 1) * cells // (2 * fine)
+    return spread, np.searchsorted(spread, np.arange(cells))
+
+
+def _layer_index(layout: VideoLayout, layer: str, which: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of :func:`layer_cells` for ``layer`` on the stored grid of ``layout``:
+    ``which=0`` spreads the layer over the grid, ``which=1`` picks it back out."""
+    (h, w), (fine_h, fine_w) = layout.map_shapes[layer], layout.map_grid
+    return layer_cells(h, fine_h)[which], layer_cells(w, fine_w)[which]
+
+
 def _grid_coords(layout: VideoLayout, *, own: bool = False) -> list[tuple[str, np.ndarray, dict]]:
-    """``(name, values, attrs)`` of the grid coordinates of ``layout`` (``y``, ``x``, ``layerN_y``,
-    ``layerN_x``); ``own``: for a video that holds its own, whose ``y``/``x`` also carry its formulas."""
+    """``(name, values, attrs)`` of the grid coordinates of ``layout`` (``y``, ``x``, ``map_y``,
+    ``map_x``); ``own``: for a video that holds its own, whose ``y``/``x`` also carry its formulas."""
     size = layout.size
     y_attrs = {"long_name": "crop pixel, counted up from the bottom row"}
     x_attrs = {"long_name": "crop pixel column"}
@@ -255,12 +289,23 @@ def _grid_coords(layout: VideoLayout, *, own: bool = False) -> list[tuple[str, n
         (Y, (size - 1 - np.arange(size)).astype(np.float32), y_attrs),
         (X, np.arange(size, dtype=np.float32), x_attrs),
     ]
-    for layer, (h, w) in layout.map_shapes.items():
-        coords.append(
-            (f"{layer}_y", (size - 1 - _cell_centres(h, size)).astype(np.float32), {"units": "crop pixel"})
-        )
-        coords.append((f"{layer}_x", _cell_centres(w, size).astype(np.float32), {"units": "crop pixel"}))
+    if layout.map_shapes:
+        h, w = layout.map_grid
+        cell = {"units": "crop pixel", "long_name": "centre of a cell of the finest layer"}
+        coords.append((MAP_Y, (size - 1 - _cell_centres(h, size)).astype(np.float32), cell))
+        coords.append((MAP_X, _cell_centres(w, size).astype(np.float32), cell))
     return coords
+
+
+def _layer_coords(layout: VideoLayout, layer: str) -> dict[str, np.ndarray]:
+    """``{layer_y: ..., layer_x: ...}``: the cell centres of ``layer``'s own grid in crop pixels
+    (``y`` counted up), for its maps at their own resolution (:meth:`ResultStore.open_dataset`)."""
+    h, w = layout.map_shapes[layer]
+    size = layout.size
+    return {
+        f"{layer}_y": (size - 1 - _cell_centres(h, size)).astype(np.float32),
+        f"{layer}_x": _cell_centres(w, size).astype(np.float32),
+    }
 
 
 def _write_coords(group: zarr.Group, coords: Iterable[tuple[str, np.ndarray, dict]]) -> None:
@@ -365,7 +410,7 @@ class ResultStore:
         return group
 
     def _create_root_coords(self) -> None:
-        for name, values in ((METHOD, self.methods), (CLASS, self.classes)):
+        for name, values in ((METHOD, self.methods), (CLASS, self.classes), (LAYER, self.layers)):
             array = self.group.create_array(
                 name, shape=(len(values),), dtype=str, dimension_names=(name,), overwrite=True
             )
@@ -464,15 +509,23 @@ class ResultStore:
             (GT_MASK, (frames, size, size), "uint8", (FRAME, Y, X), 0, {"long_name": "ground truth"}),
             (HAS_GT, (frames,), "bool", (FRAME,), False, {"long_name": "frame is annotated"}),
         ]
-        for layer, (h, w) in layout.map_shapes.items():
+        if layout.map_shapes:
+            if list(layout.map_shapes) != self.layers:
+                raise XrcamConfigError(
+                    f"{layout.video_id}: maps of layers {list(layout.map_shapes)}, the store's are {self.layers}"
+                )
+            grid = " ".join(f"{layer} {h}x{w}" for layer, (h, w) in layout.map_shapes.items())
             per_frame.append(
                 (
-                    layer,
-                    (len(methods), frames, h, w),
+                    MAPS,
+                    (len(self.layers), len(methods), frames, *layout.map_grid),
                     "float16",
-                    (METHOD, FRAME, f"{layer}_y", f"{layer}_x"),
+                    (LAYER, METHOD, FRAME, MAP_Y, MAP_X),
                     np.nan,
-                    {"long_name": f"raw {layer} maps", "grid": f"{h}x{w} cells over the {size}-px crop"},
+                    {
+                        "long_name": "raw maps, every layer on the finest layer's grid (nearest)",
+                        "grid": f"cells over the {size}-px crop: {grid}",
+                    },
                 )
             )
         for name, shape, dtype, dims, fill, array_attrs in per_frame:
@@ -504,11 +557,9 @@ class ResultStore:
     def _root_grid(self, layout: VideoLayout) -> dict[str, int]:
         """Length of each grid coordinate the root holds; ``{}`` when every video holds its own.
 
-        Looked up by name (the run's layers and ``layout``'s), not by listing the root, which would read
-        every video group's metadata."""
-        layers = dict.fromkeys([*self.layers, *layout.map_shapes])
+        Looked up by name, not by listing the root, which would read every video group's metadata."""
         held = {}
-        for name in (Y, X, *(f"{layer}_{axis}" for layer in layers for axis in "yx")):
+        for name in (Y, X, MAP_Y, MAP_X):
             try:
                 held[name] = self.group[name].shape[0]
             except KeyError:
@@ -560,8 +611,9 @@ class ResultStore:
         self._delete_root_grid()
 
     def _delete_root_grid(self, keep: Iterable[str] = ()) -> None:
-        """Delete every root array but ``cam``, ``class`` and ``keep`` (lists the root: once per store)."""
-        for name in [name for name in self.group.array_keys() if name not in {METHOD, CLASS, *keep}]:
+        """Delete every root array but ``cam``, ``class``, ``layer`` and ``keep`` (lists the root: once
+        per store)."""
+        for name in [name for name in self.group.array_keys() if name not in {METHOD, CLASS, LAYER, *keep}]:
             del self.group[name]
 
     # ----------------------------------------------------------------- writing (workers)
@@ -577,8 +629,8 @@ class ResultStore:
     ) -> None:
         """Write frames ``start : start + len(logits)`` of one video: one work shard (workers call this).
 
-        ``maps[layer]``: ``(method, frames, h, w)`` in the store's method order. Each array's shard
-        file(s) for these frames are written once, whole.
+        ``maps[layer]``: ``(method, frames, h, w)`` in the store's method order, for every layer. Each
+        array's shard file(s) for these frames are written once, whole.
         """
         group = self._group(key)
         if group is None or not group.attrs.get("created"):
@@ -591,11 +643,24 @@ class ResultStore:
                 f"{key}: frames {start}:{stop} are not one work shard of {shard} frames; resume with the "
                 "--shard-chunks the store was created with"
             )
-        for layer, data in maps.items():
-            group[layer][:, start:stop] = data
+        if layout.map_shapes:
+            group[MAPS][:, :, start:stop] = self._on_grid(layout, maps)
         group[GT_MASK][start:stop] = np.asarray(gt_mask, np.uint8)
         group[HAS_GT][start:stop] = has_gt_mask
         group[LOGITS][start:stop] = logits  # last: a row with logits is a written row
+
+    @staticmethod
+    def _on_grid(layout: VideoLayout, maps: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``(layer, method, frames, *map_grid)``: every layer's maps replicated onto the stored grid."""
+        if set(maps) != set(layout.map_shapes):
+            raise XrcamConfigError(
+                f"{layout.video_id}: maps of {sorted(maps)}, need {list(layout.map_shapes)}"
+            )
+        stacked = []
+        for layer in layout.map_shapes:
+            rows, columns = _layer_index(layout, layer, 0)
+            stacked.append(np.asarray(maps[layer], np.float16)[:, :, rows[:, None], columns])
+        return np.stack(stacked)
 
     # ----------------------------------------------------------------- reading
     def read_maps(
@@ -617,17 +682,22 @@ class ResultStore:
         methods: Sequence[str] | None = None,
         layers: Sequence[str] | None = None,
     ) -> dict[str, np.ndarray]:
-        """``{layer: (method, n, h, w) float16}``: raw maps as stored, one stack per stage."""
-        group = self._group(key)
-        index = [self.methods.index(m) for m in methods] if methods is not None else slice(None)
-        sel = positions if isinstance(positions, slice) else np.asarray(positions, dtype=np.int64)
+        """``{layer: (method, n, h, w) float16}``: raw maps, one stack per layer at its own resolution
+        (picked out of the stored grid exactly, :func:`layer_cells`)."""
+        group, layout = self._group(key), self.layout(key)
+        layers = list(layers) if layers is not None else list(layout.map_shapes)
+        wanted = ([self.layers.index(layer) for layer in layers],)
+        wanted += ([self.methods.index(m) for m in methods] if methods is not None else slice(None),)
+        wanted += (positions if isinstance(positions, slice) else np.asarray(positions, dtype=np.int64),)
+        stored = group[MAPS]
+        if all(isinstance(part, slice) for part in wanted[1:]) and layers == self.layers:
+            block = np.asarray(stored[(slice(None), *wanted[1:])])
+        else:
+            block = np.asarray(stored.get_orthogonal_selection(wanted))
         out = {}
-        for layer in layers if layers is not None else self.layout(key).map_shapes:
-            array = group[layer]
-            if isinstance(sel, slice) and isinstance(index, slice):
-                out[layer] = np.asarray(array[:, sel])
-            else:
-                out[layer] = np.asarray(array.get_orthogonal_selection((index, sel)))
+        for i, layer in enumerate(layers):
+            rows, columns = _layer_index(layout, layer, 1)
+            out[layer] = block[i][:, :, rows[:, None], columns]
         return out
 
     def read_frame_arrays(self, key: str, positions: Sequence[int] | slice) -> dict[str, np.ndarray]:
@@ -651,21 +721,20 @@ class ResultStore:
         return np.asarray(group[GT_MASK].get_orthogonal_selection(np.asarray(positions, np.int64))) > 0
 
     def open_dataset(self, key: str):
-        """One video as an ``xr.Dataset`` (lazy), with the store-wide ``cam``/``class`` coordinates, the
-        grid coordinates (the root's, or the video's own), the per-frame ``probabilities`` (softmax of
-        the logits) and ``predicted`` (argmax; -1 where a frame was never written) derived from the
-        stored logits (:func:`predictions`). ``source_row``/``source_column`` are in its attrs and on
-        ``y``/``x``."""
+        """One video as an ``xr.Dataset`` (lazy), with the store-wide ``cam``/``class``/``layer``
+        coordinates, the grid coordinates (the root's, or the video's own), and derived from what is
+        stored: each layer's raw maps at its own resolution (``layer4``: ``(cam, frame, layer4_y,
+        layer4_x)``, picked out of ``maps`` exactly, lazily), the per-frame ``probabilities`` (softmax of
+        the logits) and ``predicted`` (argmax; -1 where a frame was never written; :func:`predictions`).
+        ``source_row``/``source_column`` are in its attrs and on ``y``/``x``."""
         import xarray as xr
 
         ds = xr.open_zarr(self.maps_path, group=key, consolidated=False, chunks=None)
         attrs = self._group(key).attrs.asdict()
         layout = self.layout(key)
-        if layout is not None:  # groups written before the root grid kept the formulas on y/x only
-            attrs = {**_source_attrs(layout), **attrs}
         inherited = {}  # the grid coordinates a video inherits from the root (none once it holds its own)
         for name in ds.dims:
-            if name in ds.coords or name in (METHOD, CLASS):
+            if name in ds.coords or name in (METHOD, CLASS, LAYER):
                 continue
             try:
                 array = self.group[name]  # by name: listing the root would read every video's metadata
@@ -677,11 +746,28 @@ class ResultStore:
             probabilities=((FRAME, CLASS), probabilities, {"long_name": "softmax of the logits"}),
             predicted=((FRAME,), predicted, {"long_name": "predicted class index (-1: not written)"}),
         )
-        ds = ds.assign_coords({METHOD: self.methods, CLASS: self.classes, **inherited})
+        ds = ds.assign_coords({METHOD: self.methods, CLASS: self.classes, LAYER: self.layers, **inherited})
         for name, formula in ((Y, SOURCE_ROW), (X, SOURCE_COLUMN)):
             if name in ds.coords and formula in attrs:
                 ds[name].attrs[formula] = attrs[formula]
+        if layout is not None and MAPS in ds:
+            ds = ds.assign(self._own_resolution(ds[MAPS], layout))
         return ds.assign_attrs(attrs)
+
+    @staticmethod
+    def _own_resolution(maps, layout: VideoLayout) -> dict:
+        """``{layer: DataArray}``: each layer's cells picked out of the stored grid (lazy)."""
+        out = {}
+        for layer, (h, w) in layout.map_shapes.items():
+            coords = _layer_coords(layout, layer)
+            rows, columns = _layer_index(layout, layer, 1)
+            picked = maps.sel({LAYER: layer}, drop=True).isel({MAP_Y: rows, MAP_X: columns})
+            picked = picked.drop_vars([MAP_Y, MAP_X], errors="ignore")
+            picked = picked.swap_dims(dict(zip((MAP_Y, MAP_X), coords, strict=True)))
+            out[layer] = picked.assign_coords(coords).assign_attrs(
+                long_name=f"raw {layer} maps", grid=f"{h}x{w} cells over the {layout.size}-px crop"
+            )
+        return out
 
     def open_datatree(self):
         """``xr.open_datatree(maps.zarr, engine="zarr")``, consolidating the metadata first if stale."""
