@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from workflows.settings import RunSettings, load_toml
-from workflows.store import ResultStore, VideoLayout, layer_cells, video_id_of_key, video_key
+from workflows.store import ResultStore, VideoLayout, layer_cells, stored_format, video_id_of_key, video_key
 from xrcam.errors import XrcamConfigError
 
 SETTINGS = {
@@ -347,8 +347,13 @@ def test_video_keys_are_injective_and_invertible():
 def test_a_store_of_an_old_format_is_refused_with_how_to_redo_it(tmp_path, found):
     import zarr
 
+    assert (
+        stored_format(tmp_path) is None
+        and stored_format(ResultStore.open(tmp_path / "new", SETTINGS).root) == 3
+    )
     attrs = {"settings": SETTINGS, **({"xrcam_store_format": found} if found else {})}
     zarr.open_group(tmp_path / "maps.zarr", mode="w", attributes=attrs).require_group("videos")
+    assert stored_format(tmp_path) == (found or 1)  # what `xrcam demo` reads to redo its own old store
     for opener in (lambda: ResultStore.open(tmp_path), lambda: ResultStore.open(tmp_path, SETTINGS)):
         with pytest.raises(
             XrcamConfigError, match=f"format {found or 1}, this xrcam reads format 3.*--overwrite"

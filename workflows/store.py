@@ -85,6 +85,7 @@ __all__ = [
     "settings_differences",
     "predictions",
     "layer_cells",
+    "stored_format",
 ]
 
 log = logging.getLogger(__name__)
@@ -325,6 +326,15 @@ def _consolidate(store_path: Path, path: str = "") -> None:
     with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec": known, wanted
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(str(store_path), path=path or None)
+
+
+def stored_format(root: str | Path) -> int | None:
+    """The format of the store in results folder ``root``: ``None`` without one, 1 for the first
+    (unversioned) one. Lets the demo redo its own store of an older format instead of stopping."""
+    meta = Path(root) / MAPS_NAME / "zarr.json"
+    if not meta.is_file():
+        return None
+    return int(json.loads(meta.read_text()).get("attributes", {}).get(FORMAT_ATTR) or 1)
 
 
 def _old_format_error(maps: Path, found: Any) -> XrcamConfigError:

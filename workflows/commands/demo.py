@@ -18,15 +18,18 @@ SYNTH_ARGS = ("--design blobs --format mkt --size 576 578 --crop 230 --patients 
 IMAGE_SIZE = 128
 
 
-def _steps(out: Path, model: str, epochs: int, workers: int, seed: int) -> list[list[str]]:
-    """The user-level commands of the demo; ``--force``/resume make a second demo run cheap."""
+def _steps(
+    out: Path, model: str, epochs: int, workers: int, seed: int, redo: bool = False
+) -> list[list[str]]:
+    """The user-level commands of the demo; ``--force``/resume make a second demo run cheap. ``redo``:
+    the run overwrites the results (a store of an older xrcam cannot be resumed)."""
     archive, ckpt, results = str(out / "archive"), str(out / "checkpoint"), str(out / "results")
     return [
         ["synth", archive, *SYNTH_ARGS.split(), "--seed", str(seed), "--force"],
         ["train", archive, "--out", ckpt, "--model", model, "--epochs", str(epochs), "--patience", str(epochs),
          "--image-size", str(IMAGE_SIZE), "--seed", str(seed)],
         ["run", archive, "--out", results, "--checkpoint", str(Path(ckpt) / "model.pt"),
-         "--workers", str(workers), "--split", "test"],
+         "--workers", str(workers), "--split", "test", *(["--overwrite"] if redo else [])],
         ["reduce", results],
         ["report", results],
     ]  # fmt: skip
@@ -54,10 +57,16 @@ def command(out: Path, model: str, epochs: int, workers: int, seed: int) -> None
     Example: xrcam demo demo-output --seed 0
     """
     from workflows.cli import main
+    from workflows.store import STORE_FORMAT, stored_format
 
     started, cpu = time.monotonic(), _cpu_seconds()
+    found = stored_format(out / "results")
+    if found not in (None, STORE_FORMAT):
+        click.echo(
+            f"{out / 'results'} was written by an older xrcam (results format {found}): the demo redoes it."
+        )
     finished_with_failures = []  # exit status 1: the step finished, some videos failed (they are listed)
-    for args in _steps(out, model, epochs, workers, seed):
+    for args in _steps(out, model, epochs, workers, seed, redo=found not in (None, STORE_FORMAT)):
         click.secho(f"\n$ xrcam {shlex.join(args)}", bold=True)
         if main.main(args=args, prog_name="xrcam", standalone_mode=False):
             finished_with_failures.append(f"xrcam {args[0]}")
