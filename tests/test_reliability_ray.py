@@ -26,6 +26,7 @@ from click.testing import CliRunner
 
 import xrcam
 from workflows.cli import main
+from workflows.driver import RESERVE_BYTES
 from workflows.ray_guard import MARKER_ENVVAR
 from workflows.store import ResultStore, video_key
 from xrcam.io.readers import open_video
@@ -177,11 +178,16 @@ def test_a_full_disk_stops_the_run_with_a_sentence_and_the_rerun_resumes(archive
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         out = disk / "results"
-        args = ["run", str(archive), "--out", str(out), "--model", "resnet18", "--random-init", "0"]
+        args = ["run", str(archive), "--model", "resnet18", "--random-init", "0"]
         args += ["--workers", "1", *SMALL]  # all methods and stages: the larger store
+        calibration = _cli([*args, "--out", str(disk / "calibration")])  # what the whole run takes here
+        assert calibration.exit_code == 0, calibration.output
+        needed = shutil.disk_usage(disk).used
+        shutil.rmtree(disk / "calibration")
+        args += ["--out", str(out)]
         filler = disk / "filler"
-        with open(filler, "wb") as fh:  # leave room for the run's reserve, the metadata and about one video
-            fh.write(b"\0" * (3 * 2**20 - 536 * 2**10))
+        with open(filler, "wb") as fh:  # room for the run's reserve, its metadata and part of its shards
+            fh.write(b"\0" * (shutil.disk_usage(disk).free - RESERVE_BYTES - 3 * needed // 4))
         result = _cli(args)
         assert result.exit_code == 1, result.output
         assert "Traceback" not in result.output
