@@ -243,10 +243,16 @@ def predictions(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(written, safe.argmax(axis=1), -1).astype(np.int64), probabilities
 
 
-def _cell_centres(cells: int, size: int) -> np.ndarray:
-    """Centres of ``cells`` equal cells over ``size`` crop pixels, in crop-pixel units (as bilinear
-    upsampling with ``align_corners=False`` places them)."""
-    return (np.arange(cells) + 0.5) * (size / cells) - 0.5
+def _cell_coords(cells: tuple[int, int], size: int, y: str, x: str) -> dict[str, np.ndarray]:
+    """``{y: ..., x: ...}``: the centres of ``cells = (h, w)`` equal cells over the ``size``-px crop, in
+    crop pixels (``y`` counted up from the bottom row), as bilinear upsampling with
+    ``align_corners=False`` places them."""
+
+    def centres(n: int) -> np.ndarray:
+        return (np.arange(n) + 0.5) * (size / n) - 0.5
+
+    h, w = cells
+    return {y: (size - 1 - centres(h)).astype(np.float32), x: centres(w).astype(np.float32)}
 
 
 def _source_attrs(layout: VideoLayout) -> dict[str, str]:
@@ -291,22 +297,10 @@ def _grid_coords(layout: VideoLayout, *, own: bool = False) -> list[tuple[str, n
         (X, np.arange(size, dtype=np.float32), x_attrs),
     ]
     if layout.map_shapes:
-        h, w = layout.map_grid
         cell = {"units": "crop pixel", "long_name": "centre of a cell of the finest layer"}
-        coords.append((MAP_Y, (size - 1 - _cell_centres(h, size)).astype(np.float32), cell))
-        coords.append((MAP_X, _cell_centres(w, size).astype(np.float32), cell))
+        for name, values in _cell_coords(layout.map_grid, size, MAP_Y, MAP_X).items():
+            coords.append((name, values, cell))
     return coords
-
-
-def _layer_coords(layout: VideoLayout, layer: str) -> dict[str, np.ndarray]:
-    """``{layer_y: ..., layer_x: ...}``: the cell centres of ``layer``'s own grid in crop pixels
-    (``y`` counted up), for its maps at their own resolution (:meth:`ResultStore.open_dataset`)."""
-    h, w = layout.map_shapes[layer]
-    size = layout.size
-    return {
-        f"{layer}_y": (size - 1 - _cell_centres(h, size)).astype(np.float32),
-        f"{layer}_x": _cell_centres(w, size).astype(np.float32),
-    }
 
 
 def _write_coords(group: zarr.Group, coords: Iterable[tuple[str, np.ndarray, dict]]) -> None:
@@ -337,10 +331,10 @@ def stored_format(root: str | Path) -> int | None:
     return int(json.loads(meta.read_text()).get("attributes", {}).get(FORMAT_ATTR) or 1)
 
 
-def _old_format_error(maps: Path, found: Any) -> XrcamConfigError:
+def _old_format_error(maps: Path, found: int | None) -> XrcamConfigError:
     root = maps.parent
     return XrcamConfigError(
-        f"{maps} is in results format {found or 1}, this xrcam reads format {STORE_FORMAT}: "
+        f"{maps} is in results format {found}, this xrcam reads format {STORE_FORMAT}: "
         f"redo it with `xrcam run ARCHIVE --out {root} --overwrite` (same options as before), "
         f"then `xrcam reduce {root}`"
     )
@@ -413,11 +407,10 @@ class ResultStore:
 
     @staticmethod
     def _open_checked(maps: Path, mode: str) -> zarr.Group:
-        group = zarr.open_group(maps, mode=mode, use_consolidated=False)
-        found = group.attrs.get(FORMAT_ATTR)
+        found = stored_format(maps.parent)
         if found != STORE_FORMAT:
             raise _old_format_error(maps, found)
-        return group
+        return zarr.open_group(maps, mode=mode, use_consolidated=False)
 
     def _create_root_coords(self) -> None:
         for name, values in ((METHOD, self.methods), (CLASS, self.classes), (LAYER, self.layers)):
@@ -769,7 +762,7 @@ class ResultStore:
         """``{layer: DataArray}``: each layer's cells picked out of the stored grid (lazy)."""
         out = {}
         for layer, (h, w) in layout.map_shapes.items():
-            coords = _layer_coords(layout, layer)
+            coords = _cell_coords((h, w), layout.size, f"{layer}_y", f"{layer}_x")
             rows, columns = _layer_index(layout, layer, 1)
             picked = maps.sel({LAYER: layer}, drop=True).isel({MAP_Y: rows, MAP_X: columns})
             picked = picked.drop_vars([MAP_Y, MAP_X], errors="ignore")

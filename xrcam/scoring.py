@@ -781,12 +781,12 @@ def _set_counts(
     area = torch.empty((k_sets, rows, batch), dtype=dtype, device=device)
     gt_overlap = None if gt is None else torch.empty_like(area)
     row_overlap = None if against is None else torch.empty_like(area)
+    maps_out = torch.empty(shape, dtype=dtype, device=device) if keep else None
     masks = torch.empty(shape, dtype=torch.bool, device=device) if keep else None
     if gt is not None:  # overlaps with the ground truth read only its pixels (a few % of the crop)
         truth = gt.reshape(batch * n).nonzero().squeeze(1)  # into the frames' (B * S * S)
         gt_area = gt.sum(dim=-1, dtype=torch.float32)
         per_frame = gt_area.long().tolist()  # how many of those are each frame's, in frame order
-    maps_out = torch.empty(shape, dtype=dtype, device=device) if keep else None
     for k, maps in _layer_set_maps(normalised, layers, layer_sets):
         if keep:
             maps_out[k] = maps

@@ -61,12 +61,13 @@ def command(out: Path, model: str, epochs: int, workers: int, seed: int) -> None
 
     started, cpu = time.monotonic(), _cpu_seconds()
     found = stored_format(out / "results")
-    if found not in (None, STORE_FORMAT):
+    redo = found not in (None, STORE_FORMAT)
+    if redo:
         click.echo(
             f"{out / 'results'} was written by an older xrcam (results format {found}): the demo redoes it."
         )
     finished_with_failures = []  # exit status 1: the step finished, some videos failed (they are listed)
-    for args in _steps(out, model, epochs, workers, seed, redo=found not in (None, STORE_FORMAT)):
+    for args in _steps(out, model, epochs, workers, seed, redo=redo):
         click.secho(f"\n$ xrcam {shlex.join(args)}", bold=True)
         if main.main(args=args, prog_name="xrcam", standalone_mode=False):
             finished_with_failures.append(f"xrcam {args[0]}")
